@@ -1,0 +1,8 @@
+"""potstill: knowledge distillation — train a small student to reproduce a large teacher."""
+
+from .config import Recipe, RecipeError, load_recipe
+from .objective import Objective, Term
+
+__version__ = "0.1.0"
+
+__all__ = ["Objective", "Recipe", "RecipeError", "Term", "__version__", "load_recipe"]

@@ -1,0 +1,72 @@
+"""The ``potstill`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import RecipeError
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .distill import distill
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = distill(recipe, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"\n{result.table()}\n\nrun directory: {result.run_dir}")
+    return 0
+
+
+def _recipes(_: argparse.Namespace) -> int:
+    from .recipes import builtin_recipes, describe
+
+    for name, path in builtin_recipes().items():
+        print(f"{name:24s} {describe(path)}\n{'':24s} {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potstill", description="Knowledge distillation toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="run a recipe: teacher, scratch baseline, distilled student")
+    p.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (see `potstill recipes`)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a recipe field, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_distill)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=_recipes)
+
+    p = sub.add_parser("report", help="redraw report.png of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, FileNotFoundError) as exc:
+        print(f"potstill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("potstill: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

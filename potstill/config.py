@@ -1,0 +1,184 @@
+"""The recipe schema: typed, validated on load, with errors that name the field.
+
+A recipe is a YAML file (or a built-in name, see :mod:`potstill.recipes`). Every section is a
+pydantic model that forbids unknown keys, so a typo is an error with a "did you mean", and a
+value out of range (``temperature: 0``, ``alpha: 1.5``) names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .losses import LOSSES, check_params
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainSpec(_Section):
+    """How to train one model (the student, or a teacher trained from data)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    #: save a checkpoint every N optimiser steps (0: only at the end of each epoch)
+    checkpoint_every: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class ModelSpec(_Section):
+    """A model: loaded from ``model_name_or_path``, or built from an architecture description."""
+
+    model_name_or_path: str | None = None
+    architecture: Literal["mlp"] = "mlp"
+    hidden_sizes: list[int] = Field(default_factory=lambda: [800, 800])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    input_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"every hidden size must be >= 1, got {sizes}")
+        return sizes
+
+
+class TeacherSpec(ModelSpec):
+    #: how to train the teacher when ``model_name_or_path`` is not given
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class DistillationSpec(_Section):
+    """Hinton's mix: ``alpha · loss(student, teacher; temperature) + (1 − alpha) · CE(labels)``."""
+
+    loss: str = "kl"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    #: extra parameters of the loss, e.g. ``{beta: 0.5}`` for ``jsd``
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        if name not in LOSSES or LOSSES[name].target != "teacher":
+            allowed = sorted(n for n, s in LOSSES.items() if s.target == "teacher")
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown distillation loss {name!r}; allowed: {', '.join(allowed)}{hint}")
+        return name
+
+    @model_validator(mode="after")
+    def _known_params(self) -> DistillationSpec:
+        check_params(self.loss, self.params)
+        return self
+
+
+class DataSpec(_Section):
+    name: Literal["mnist"] = "mnist"
+    #: folder holding the idx ``.gz`` files; null = the copy that ships with potstill
+    path: str | None = None
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    #: use only the first N training examples (null = all)
+    train_limit: int | None = Field(None, ge=1)
+    #: classes left out of the distillation transfer set (Hinton's "dark knowledge" experiment)
+    exclude_from_transfer: list[int] = Field(default_factory=list)
+    split_seed: int = 0
+
+
+class Recipe(_Section):
+    """A whole distillation run."""
+
+    task: Literal["image-classification"] = "image-classification"
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: ModelSpec = Field(default_factory=ModelSpec)
+    distillation: DistillationSpec = Field(default_factory=DistillationSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    #: also train the student from scratch on hard labels, for comparison
+    baseline: bool = True
+    output_dir: str = "runs/default"
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``loc`` (for "did you mean")."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "(recipe)"
+    if error["type"] == "extra_forbidden":
+        allowed = _field_names(Recipe, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"unknown field {where!r}; allowed here: {', '.join(allowed)}.{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"field {where!r}: {message} (got {error.get('input')!r})"
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a recipe given as a dict; raises :class:`RecipeError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} must look like section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a built-in recipe name, then apply overrides."""
+    from .recipes import resolve_recipe_path
+
+    path = resolve_recipe_path(source)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_recipe(apply_overrides(data, overrides or []))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every field, defaults included)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Loading real data sets into tensors."""

@@ -1,0 +1,184 @@
+"""A whole run from a recipe: teacher (loaded or trained), scratch baseline, distilled student.
+
+The run directory holds everything a person or a later run needs::
+
+    recipe.yaml          the resolved recipe (a rerun with another recipe is refused)
+    teacher/ scratch/ student/   models (safetensors + config) and their training history
+    checkpoints/<stage>/step-N   resumable state of the stage in progress
+    log.csv  metrics.json  report.png
+
+Rerunning the same command after a kill resumes: finished stages are loaded, the stage in
+progress continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from .config import Recipe, RecipeError, TrainSpec, dump_recipe
+from .engine import Engine, make_loader
+from .io import atomic_path, write_json, write_text
+from .metrics import accuracy, agreement, held_out_kl, per_class_accuracy
+from .models import count_parameters, load_model, save_model
+from .objective import Objective
+from .tasks import TASKS, Task
+
+HISTORY = "history.json"
+SOFTENING_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+
+    def table(self) -> str:
+        """The comparison table printed at the end of a run."""
+        rows = [("model", "params", "accuracy", "agreement w/ teacher", "KL to teacher")]
+        for name, m in self.metrics["models"].items():
+            rows.append((name, f"{m['parameters']:,}", f"{m['accuracy']:.4f}",
+                         "—" if name == "teacher" else f"{m['agreement']:.4f}",
+                         "—" if name == "teacher" else f"{m['kl_to_teacher']:.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _accelerator(recipe: Recipe) -> Accelerator:
+    precision = recipe.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> None:
+    """Create the run dir, or check that an existing one was made by the same recipe."""
+    saved = run_dir / "recipe.yaml"
+    text = dump_recipe(recipe)
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if saved.is_file() and saved.read_text() != text:
+        raise RecipeError(
+            f"{run_dir} holds a run of a different recipe (see {saved}); resume it with that "
+            "recipe, choose another output_dir, or pass --overwrite to start again"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(saved, text)
+
+
+class Run:
+    """Stages of one distillation run, sharing a run dir, a task and an accelerator."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, progress: bool = True):
+        self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
+        self.accelerator = _accelerator(recipe)
+        self.task: Task = TASKS[recipe.task](recipe.data, progress=progress)
+        self.history: list[dict[str, Any]] = []
+
+    def write_log(self, current: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        if not self.accelerator.is_main_process:
+            return
+        rows = self.history + list(current)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.run_dir / "log.csv", buffer.getvalue())
+
+    def stage(self, name: str, build: nn.Module, objective: Objective, spec: TrainSpec,
+              dataset: Any, teacher: nn.Module | None = None) -> nn.Module:
+        """Train (or resume, or load if finished) one model and save it under ``run_dir/name``."""
+        folder = self.run_dir / name
+        if (folder / HISTORY).is_file():
+            self.history += json.loads((folder / HISTORY).read_text())
+            self.accelerator.print(f"[{name}] already trained: loading {folder}")
+            return load_model(folder)
+        loader = make_loader(dataset, spec.batch_size, self.task.collate, seed=spec.seed)
+        engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
+                        progress=self.progress, evaluate=self.task.evaluate,
+                        on_checkpoint=self.write_log)
+        result = engine.fit(build, objective, loader, teacher=teacher)
+        if self.accelerator.is_main_process:
+            with atomic_path(folder) as tmp:
+                save_model(result.model, tmp)
+                write_json(tmp / HISTORY, result.history)
+            shutil.rmtree(self.run_dir / "checkpoints" / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.history += result.history
+        self.write_log()
+        return result.model
+
+    def build(self, spec: Any, seed: int) -> nn.Module:
+        set_seed(seed)
+        return self.task.build_model(spec)
+
+
+def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool = False,
+            progress: bool = True) -> RunResult:
+    """Run ``recipe``: teacher, scratch student (if ``baseline``), distilled student, report."""
+    run_dir = Path(output_dir or recipe.output_dir)
+    run = Run(recipe, run_dir, progress)
+    if run.accelerator.is_main_process:
+        prepare_run_dir(recipe, run_dir, overwrite)
+    run.accelerator.wait_for_everyone()
+    task, r = run.task, recipe
+
+    if r.teacher.model_name_or_path:
+        teacher = task.build_model(r.teacher)
+    else:
+        teacher = run.stage("teacher", run.build(r.teacher, r.teacher.train.seed),
+                            Objective.supervised(), r.teacher.train, task.train_set)
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    if r.baseline:
+        models["scratch"] = run.stage("scratch", run.build(r.student, r.train.seed),
+                                      Objective.supervised(), r.train, task.transfer_set)
+    objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature,
+                                 r.distillation.loss, **r.distillation.params)
+    models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective,
+                                  r.train, task.transfer_set, teacher=teacher)
+
+    metrics = evaluate_models(task, models, r)
+    result = RunResult(run_dir, metrics)
+    if run.accelerator.is_main_process:
+        write_json(run_dir / "metrics.json", metrics)
+        from .report import write_report
+
+        write_report(run_dir)
+    return result
+
+
+def evaluate_models(task: Task, models: dict[str, nn.Module], recipe: Recipe) -> dict[str, Any]:
+    """Accuracy, agreement and KL to the teacher on the eval set, plus what the report plots."""
+    labels = task.eval_labels  # type: ignore[attr-defined]
+    logits = {name: task.predict(model.cpu()) for name, model in models.items()}
+    teacher = logits["teacher"]
+    out: dict[str, Any] = {"models": {}, "eval_examples": len(labels)}
+    excluded = recipe.data.exclude_from_transfer
+    for name, value in logits.items():
+        entry = {"parameters": count_parameters(models[name]), "accuracy": accuracy(value, labels),
+                 "errors": int((value.argmax(-1) != labels).sum())}
+        if name != "teacher":
+            entry["agreement"] = agreement(value, teacher)
+            entry["kl_to_teacher"] = held_out_kl(value, teacher)
+        if excluded:
+            per_class = per_class_accuracy(value, labels, value.shape[-1])
+            entry["accuracy_on_excluded_classes"] = {str(c): per_class[c] for c in excluded}
+        out["models"][name] = entry
+    # one example's teacher logits, for the temperature-softening plot
+    out["softening_example"] = {"label": int(labels[0]), "teacher_logits": teacher[0].tolist(),
+                                "temperatures": list(SOFTENING_TEMPERATURES)}
+    out["distillation"] = recipe.distillation.model_dump()
+    return out

@@ -1,0 +1,196 @@
+"""The training loop, on Hugging Face accelerate.
+
+The engine does not know which flavour it runs: a :class:`~potstill.tasks.Batch` says what the
+student and the teacher read, an :class:`~potstill.objective.Objective` says what to compare.
+Accelerate handles devices, mixed precision and processes (``accelerate launch`` for DDP/FSDP);
+the engine adds gradient accumulation, checkpoints every N optimiser steps, and resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainSpec
+from .objective import Objective
+from .signals import forward_signals, teacher_signals
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same data."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, collate: Callable[[list[Any]], Any], *,
+                seed: int = 0, shuffle: bool = True) -> DataLoader:
+    """A data loader whose order is reproducible per epoch (see :class:`EpochSampler`)."""
+    sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+    # its own generator: creating an iterator must not draw from the global RNG (dropout's)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def make_optimizer(spec: TrainSpec, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=spec.learning_rate, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, kind = spec.warmup_steps, spec.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    #: one row per logged step and per epoch: {"stage", "epoch", "step", name: value, ...}
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Engine:
+    """Trains one model with one objective; checkpoints under ``checkpoint_dir``.
+
+    ``evaluate(model) -> dict`` runs at the end of each epoch; ``on_checkpoint(history)`` lets
+    the caller persist its logs whenever a checkpoint is written.
+    """
+
+    def __init__(self, accelerator: Accelerator, spec: TrainSpec, checkpoint_dir: Path, *,
+                 stage: str = "train", log_every: int = 10, progress: bool = True,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None):
+        self.accelerator, self.spec, self.checkpoint_dir = accelerator, spec, Path(checkpoint_dir)
+        self.stage, self.log_every, self.progress = stage, log_every, progress
+        self.evaluate, self.on_checkpoint = evaluate, on_checkpoint
+
+    def fit(self, student: nn.Module, objective: Objective, loader: DataLoader,
+            teacher: nn.Module | None = None) -> FitResult:
+        acc, spec = self.accelerator, self.spec
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(f"stage {self.stage!r}: the objective compares with a teacher, but none was given")
+        trainable = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"stage {self.stage!r}: the student has no trainable parameters")
+        accum = spec.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(loader) / accum)
+        total_steps = spec.epochs * steps_per_epoch
+        optimizer = make_optimizer(spec, trainable)
+        scheduler = make_scheduler(spec, optimizer, total_steps)
+        sampler = loader.sampler
+        student, objective, optimizer, loader, scheduler = acc.prepare(
+            student, objective, optimizer, loader, scheduler)
+        if teacher is not None:
+            teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
+
+        state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
+        checkpoints = list_checkpoints(self.checkpoint_dir)
+        if checkpoints:
+            state = load_checkpoint(checkpoints[-1], model=acc.unwrap_model(student),
+                                    optimizer=optimizer, scheduler=scheduler,
+                                    extra=acc.unwrap_model(objective))
+            acc.print(f"[{self.stage}] resumed from {checkpoints[-1]} "
+                      f"(epoch {state['epoch'] + 1}, step {state['step']})")
+        history: list[dict[str, Any]] = state["history"]
+
+        def checkpoint(epoch: int, batch: int) -> None:
+            state.update(epoch=epoch, batch=batch)
+            if acc.is_main_process:
+                save_checkpoint(self.checkpoint_dir, state["step"], model=acc.unwrap_model(student),
+                                optimizer=optimizer, scheduler=scheduler, state=state,
+                                extra=acc.unwrap_model(objective))
+                if self.on_checkpoint:
+                    self.on_checkpoint(history)
+            acc.wait_for_everyone()
+
+        for epoch in range(state["epoch"], spec.epochs):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            skip = state["batch"] if epoch == state["epoch"] else 0
+            batches = acc.skip_first_batches(loader, skip) if skip else loader
+            student.train()
+            running, seen = 0.0, 0
+            bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
+                       disable=not (self.progress and acc.is_local_main_process), leave=False)
+            for index, batch in enumerate(batches, start=skip):
+                out = self._loss(student, objective, teacher, batch)
+                acc.backward(out.loss / accum)
+                running, seen = running + out.loss.item(), seen + 1
+                bar.update(1)
+                if (index + 1) % accum and index + 1 != len(loader):
+                    continue
+                if spec.max_grad_norm:
+                    acc.clip_grad_norm_(trainable, spec.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                if state["step"] % self.log_every == 0:
+                    row = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
+                           "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
+                    row.update({k: v.item() for k, v in out.parts.items()})
+                    history.append(row)
+                    bar.set_postfix(loss=f"{out.loss.item():.4f}")
+                if spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0 \
+                        and index + 1 != len(loader):
+                    checkpoint(epoch, index + 1)
+            bar.close()
+            summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
+                       "train_loss": running / max(seen, 1)}
+            if self.evaluate:
+                summary.update(self.evaluate(acc.unwrap_model(student)))
+            history.append(summary)
+            acc.print(f"[{self.stage}] epoch {epoch + 1}/{spec.epochs}  "
+                      + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()
+                                  if k not in ("stage", "epoch")))
+            checkpoint(epoch + 1, 0)
+        return FitResult(acc.unwrap_model(student), history)
+
+    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | None, batch: Any):
+        with self.accelerator.autocast():
+            targets = None
+            if objective.needs_teacher:
+                assert teacher is not None
+                targets = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+            signals = forward_signals(student, batch.student_inputs, objective.student_signals)
+            return objective(signals, targets, labels=batch.labels, mask=batch.mask)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,50 @@
+"""Distillation losses: pure functions on tensors (no models, hooks or config).
+
+See :mod:`potstill.losses._common` for the conventions every loss follows and
+``docs/losses.md`` for the formulas.
+"""
+
+from ._common import IGNORE_INDEX, REDUCTIONS, Reduction, reduce, shared_vocabulary, soft_targets
+from .divergences import (
+    cross_entropy,
+    hinton_loss,
+    jsd,
+    kl_divergence,
+    logit_mse,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    soft_cross_entropy,
+    total_variation,
+)
+from .features import Projection, attention_map, attention_transfer, cosine_loss
+from .registry import LOSSES, LossSpec, check_params, get_loss
+from .uld import uld
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSSES",
+    "REDUCTIONS",
+    "LossSpec",
+    "Projection",
+    "Reduction",
+    "attention_map",
+    "attention_transfer",
+    "check_params",
+    "cosine_loss",
+    "cross_entropy",
+    "get_loss",
+    "hinton_loss",
+    "jsd",
+    "kl_divergence",
+    "logit_mse",
+    "reduce",
+    "reverse_kl",
+    "shared_vocabulary",
+    "skew_kl",
+    "skew_reverse_kl",
+    "soft_cross_entropy",
+    "soft_targets",
+    "total_variation",
+    "uld",
+]

@@ -1,0 +1,77 @@
+"""Losses by name, so a recipe can say ``loss: jsd`` with its parameters.
+
+Adding a loss is one function in this package and one line in ``LOSSES``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from . import divergences as d
+from .features import attention_transfer, cosine_loss
+from .uld import uld
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function and what its second argument is."""
+
+    fn: Callable[..., Tensor]
+    target: Literal["teacher", "labels"] = "teacher"
+    #: whether the loss takes a temperature (the KL family, TV)
+    uses_temperature: bool = True
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """Keyword parameters a recipe may set (everything but tensors and reduction)."""
+        skip = {"mask", "labels", "reduction"}
+        sig = inspect.signature(self.fn)
+        return tuple(
+            name for name, p in sig.parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name not in skip
+        )
+
+
+LOSSES: dict[str, LossSpec] = {
+    "kl": LossSpec(d.kl_divergence),
+    "reverse_kl": LossSpec(d.reverse_kl),
+    "jsd": LossSpec(d.jsd),
+    "skew_kl": LossSpec(d.skew_kl),
+    "skew_reverse_kl": LossSpec(d.skew_reverse_kl),
+    "tvd": LossSpec(d.total_variation),
+    "soft_cross_entropy": LossSpec(d.soft_cross_entropy),
+    "mse": LossSpec(d.logit_mse, uses_temperature=False),
+    "cross_entropy": LossSpec(d.cross_entropy, target="labels", uses_temperature=False),
+    "uld": LossSpec(uld),
+    "cosine": LossSpec(cosine_loss, uses_temperature=False),
+    "attention": LossSpec(attention_transfer, uses_temperature=False),
+}
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss called ``name``; an unknown name lists the known ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, LOSSES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}.{hint}"
+        ) from None
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise if ``params`` holds a parameter the loss ``name`` does not take."""
+    allowed = get_loss(name).parameters
+    for key in params:
+        if key not in allowed:
+            raise ValueError(
+                f"loss {name!r} has no parameter {key!r}; its parameters: "
+                f"{', '.join(allowed) or '(none)'}"
+            )

@@ -1,0 +1,118 @@
+"""An :class:`Objective` is a weighted sum of loss terms over student and teacher signals.
+
+The same object serves the engine, the Hugging Face Trainer integration and the tests::
+
+    objective = Objective.hinton(alpha=0.9, temperature=4.0)
+    out = objective({"logits": s}, {"logits": t}, labels=y)
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from .losses import check_params, get_loss
+from .signals import LOGITS
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted loss term.
+
+    ``student`` / ``teacher`` name the signals the loss compares (see :mod:`potstill.signals`);
+    for a loss whose target is the labels (``cross_entropy``) ``teacher`` is ignored.
+    """
+
+    loss: str
+    weight: float = 1.0
+    student: str = LOGITS
+    teacher: str = LOGITS
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_params(self.loss, dict(self.params))
+        if self.weight < 0:
+            raise ValueError(f"term {self.loss!r}: weight must be >= 0, got {self.weight}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return get_loss(self.loss).target == "teacher"
+
+    @property
+    def label(self) -> str:
+        """A short name for logs: the loss, plus the signal when it is not the logits."""
+        return self.loss if self.student == LOGITS else f"{self.loss}[{self.student}]"
+
+
+class ObjectiveOutput(NamedTuple):
+    loss: Tensor
+    #: each term's unweighted value, detached, keyed by :attr:`Term.label`
+    parts: dict[str, Tensor]
+
+
+class Objective(nn.Module):
+    """A weighted sum of :class:`Term` s. Terms with weight 0 are dropped."""
+
+    def __init__(self, terms: Sequence[Term]):
+        super().__init__()
+        self.terms = tuple(t for t in terms if t.weight > 0)
+        if not self.terms:
+            raise ValueError("an objective needs at least one term with a positive weight")
+
+    @classmethod
+    def hinton(cls, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kl",
+               **params: Any) -> Objective:
+        """``α · loss(student, teacher; T) + (1 − α) · CE(labels)``; ``α = 0`` is plain training."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if get_loss(loss).uses_temperature:
+            params = {"temperature": temperature, **params}
+        return cls([Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha)])
+
+    @classmethod
+    def supervised(cls) -> Objective:
+        """Hard-label cross-entropy only: a teacher trained from data, or a scratch baseline."""
+        return cls([Term("cross_entropy")])
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.uses_teacher for t in self.terms)
+
+    @property
+    def student_signals(self) -> set[str]:
+        return {t.student for t in self.terms}
+
+    @property
+    def teacher_signals(self) -> set[str]:
+        return {t.teacher for t in self.terms if t.uses_teacher}
+
+    def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None = None,
+                *, labels: Tensor | None = None, mask: Tensor | None = None) -> ObjectiveOutput:
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for term in self.terms:
+            spec = get_loss(term.loss)
+            if spec.target == "labels":
+                if labels is None:
+                    raise ValueError(f"term {term.loss!r} needs labels but the batch has none")
+                value = spec.fn(student[term.student], labels, mask=mask, **term.params)
+            else:
+                if teacher is None:
+                    raise ValueError(f"term {term.loss!r} needs teacher signals")
+                value = spec.fn(student[term.student], teacher[term.teacher], mask=mask,
+                                labels=labels if _per_position(labels, student[term.student])
+                                else None, **term.params)
+            parts[term.label] = value.detach()
+            total = term.weight * value if total is None else total + term.weight * value
+        assert total is not None
+        return ObjectiveOutput(total, parts)
+
+
+def _per_position(labels: Tensor | None, logits: Tensor) -> bool:
+    """Labels mask a teacher term only when they have one entry per position of the logits."""
+    return labels is not None and labels.shape == logits.shape[:-1] and not labels.is_floating_point()
+
