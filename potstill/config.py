@@ -64,6 +64,8 @@ class ModelSpec(_Section):
 class TeacherSpec(ModelSpec):
     #: how to train the teacher when ``model_name_or_path`` is not given
     train: TrainSpec = Field(default_factory=TrainSpec)
+    #: train the teacher on images shifted by up to this many pixels (Hinton 2015 used 2)
+    jitter: int = Field(0, ge=0, le=4)
 
 
 class DistillationSpec(_Section):

@@ -99,14 +99,14 @@ class Run:
         write_text(self.run_dir / "log.csv", buffer.getvalue())
 
     def stage(self, name: str, build: nn.Module, objective: Objective, spec: TrainSpec,
-              dataset: Any, teacher: nn.Module | None = None) -> nn.Module:
+              dataset: Any, teacher: nn.Module | None = None, collate: Any = None) -> nn.Module:
         """Train (or resume, or load if finished) one model and save it under ``run_dir/name``."""
         folder = self.run_dir / name
         if (folder / HISTORY).is_file():
             self.history += json.loads((folder / HISTORY).read_text())
             self.accelerator.print(f"[{name}] already trained: loading {folder}")
             return load_model(folder)
-        loader = make_loader(dataset, spec.batch_size, self.task.collate, seed=spec.seed)
+        loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed)
         engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
                         progress=self.progress, evaluate=self.task.evaluate,
                         on_checkpoint=self.write_log)
@@ -140,7 +140,8 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
         teacher = task.build_model(r.teacher)
     else:
         teacher = run.stage("teacher", run.build(r.teacher, r.teacher.train.seed),
-                            Objective.supervised(), r.teacher.train, task.train_set)
+                            Objective.supervised(), r.teacher.train, task.train_set,
+                            collate=task.training_collate(r.teacher))
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", run.build(r.student, r.train.seed),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +49,8 @@ class Task(Protocol):
     transfer_set: Dataset
 
     def collate(self, examples: list[Any]) -> Batch: ...
+
+    def training_collate(self, spec: Any) -> Callable[[list[Any]], Batch]: ...
 
     def build_model(self, spec: Any) -> nn.Module: ...
 
