@@ -140,12 +140,14 @@ class Engine:
             acc.wait_for_everyone()
 
         for epoch in range(state["epoch"], spec.epochs):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
             skip = state["batch"] if epoch == state["epoch"] else 0
             batches = acc.skip_first_batches(loader, skip) if skip else loader
+            # accelerate's loaders reset the sampler's epoch from their own counter on iteration
+            for epoch_aware in (sampler, batches):
+                if hasattr(epoch_aware, "set_epoch"):
+                    epoch_aware.set_epoch(epoch)
             student.train()
-            running, seen = 0.0, 0
+            running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
             bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
                        disable=not (self.progress and acc.is_local_main_process), leave=False)
             for index, batch in enumerate(batches, start=skip):
@@ -169,6 +171,7 @@ class Engine:
                     bar.set_postfix(loss=f"{out.loss.item():.4f}")
                 if spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0 \
                         and index + 1 != len(loader):
+                    state["running"] = (running, seen)
                     checkpoint(epoch, index + 1)
             bar.close()
             summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],

@@ -1,0 +1,51 @@
+"""Recipes: validation errors name the field and what is allowed; built-ins by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from potstill.config import RecipeError, dump_recipe, load_recipe, parse_recipe
+from potstill.recipes import builtin_recipes
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    return str(info.value)
+
+
+def test_unknown_keys_get_did_you_mean():
+    assert "unknown field 'distilation'" in error_of({"distilation": {}})
+    assert "Did you mean 'distillation'?" in error_of({"distilation": {}})
+    message = error_of({"train": {"epoch": 3}})
+    assert "'train.epoch'" in message and "Did you mean 'epochs'?" in message
+
+
+@pytest.mark.parametrize(("data", "field", "expected"), [
+    ({"distillation": {"temperature": 0}}, "distillation.temperature", "greater than 0"),
+    ({"distillation": {"temperature": -2.0}}, "distillation.temperature", "greater than 0"),
+    ({"distillation": {"alpha": 1.5}}, "distillation.alpha", "less than or equal to 1"),
+    ({"distillation": {"alpha": -0.1}}, "distillation.alpha", "greater than or equal to 0"),
+    ({"train": {"epochs": "ten"}}, "train.epochs", "valid integer"),
+    ({"train": {"optimizer": "adam"}}, "train.optimizer", "'adamw' or 'sgd'"),
+    ({"student": {"hidden_sizes": [64, 0]}}, "student.hidden_sizes", ">= 1"),
+    ({"distillation": {"loss": "jds"}}, "distillation.loss", "did you mean 'jsd'"),
+    ({"distillation": {"loss": "kl", "params": {"beta": 0.5}}}, "distillation", "no parameter 'beta'"),
+])
+def test_bad_values_name_the_field_and_allowed_values(data, field, expected):
+    message = error_of(data)
+    assert f"'{field}'" in message and expected in message
+
+
+def test_builtin_recipes_by_name_and_overrides(tmp_path):
+    assert "mnist" in builtin_recipes()
+    recipe = load_recipe("mnist", ["train.epochs=2", "distillation.loss=jsd", "distillation.params={beta: 0.3}"])
+    assert recipe.train.epochs == 2 and recipe.distillation.params == {"beta": 0.3}
+    # the resolved recipe round-trips through YAML
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
+    with pytest.raises(RecipeError, match=r"built-in recipes: .*mnist"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(RecipeError, match=r"section\.field=value"):
+        load_recipe("mnist", ["train.epochs"])
