@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError) as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("potstill: interrupted; rerun the same command to resume from the last checkpoint",
+    except KeyboardInterrupt as exc:
+        print(f"potstill: {exc or 'interrupted; rerun the same command to resume from the last checkpoint'}",
               file=sys.stderr)
         return 130
 

@@ -9,7 +9,11 @@ the engine adds gradient accumulation, checkpoints every N optimiser steps, and 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,36 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainSpec
 from .objective import Objective
 from .signals import forward_signals, teacher_signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Turn SIGINT/SIGTERM into a request to stop after the current optimiser step.
+
+    A second signal while stopping restores the default behaviour (a second Ctrl-C kills).
+    """
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        requested.set()
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+        print(f"\npotstill: {signal.Signals(signum).name} received; finishing the step and "
+              "writing a checkpoint", file=sys.stderr)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
 
 
 class EpochSampler(Sampler[int]):
@@ -139,58 +173,68 @@ class Engine:
                     self.on_checkpoint(history)
             acc.wait_for_everyone()
 
-        for epoch in range(state["epoch"], spec.epochs):
-            skip = state["batch"] if epoch == state["epoch"] else 0
-            batches = acc.skip_first_batches(loader, skip) if skip else loader
-            # accelerate's loaders reset the sampler's epoch from their own counter on iteration
-            for epoch_aware in (sampler, batches):
-                if hasattr(epoch_aware, "set_epoch"):
-                    epoch_aware.set_epoch(epoch)
-            student.train()
-            running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
-            bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
-                       disable=not (self.progress and acc.is_local_main_process), leave=False)
-            for index, batch in enumerate(batches, start=skip):
-                out = self._loss(student, objective, teacher, batch)
-                acc.backward(out.loss / accum)
-                running, seen = running + out.loss.item(), seen + 1
-                bar.update(1)
-                if (index + 1) % accum and index + 1 != len(loader):
-                    continue
-                if spec.max_grad_norm:
-                    acc.clip_grad_norm_(trainable, spec.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                if state["step"] % self.log_every == 0:
-                    row = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                           "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
-                    row.update({k: v.item() for k, v in out.parts.items()})
-                    history.append(row)
-                    bar.set_postfix(loss=f"{out.loss.item():.4f}")
-                if spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0 \
-                        and index + 1 != len(loader):
-                    state["running"] = (running, seen)
-                    checkpoint(epoch, index + 1)
-            bar.close()
-            summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                       "train_loss": running / max(seen, 1)}
-            if self.evaluate:
-                summary.update(self.evaluate(acc.unwrap_model(student)))
-            history.append(summary)
-            acc.print(f"[{self.stage}] epoch {epoch + 1}/{spec.epochs}  "
-                      + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()
-                                  if k not in ("stage", "epoch")))
-            checkpoint(epoch + 1, 0)
+        with stop_on_signals() as stop_requested:
+            for epoch in range(state["epoch"], spec.epochs):
+                skip = state["batch"] if epoch == state["epoch"] else 0
+                batches = acc.skip_first_batches(loader, skip) if skip else loader
+                # accelerate's loaders reset the sampler's epoch from their own counter on iteration
+                for epoch_aware in (sampler, batches):
+                    if hasattr(epoch_aware, "set_epoch"):
+                        epoch_aware.set_epoch(epoch)
+                student.train()
+                running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
+                bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
+                           disable=not (self.progress and acc.is_local_main_process), leave=False)
+                for index, batch in enumerate(batches, start=skip):
+                    out = self._loss(student, objective, teacher, batch, f"epoch {epoch + 1}, batch {index}")
+                    acc.backward(out.loss / accum)
+                    running, seen = running + out.loss.item(), seen + 1
+                    bar.update(1)
+                    if (index + 1) % accum and index + 1 != len(loader):
+                        continue
+                    if spec.max_grad_norm:
+                        acc.clip_grad_norm_(trainable, spec.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                    if state["step"] % self.log_every == 0:
+                        row = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
+                               "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
+                        row.update({k: v.item() for k, v in out.parts.items()})
+                        history.append(row)
+                        bar.set_postfix(loss=f"{out.loss.item():.4f}")
+                    stop = stop_requested.is_set()
+                    if stop or (spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0
+                                and index + 1 != len(loader)):
+                        state["running"] = (running, seen)
+                        checkpoint(epoch, index + 1)
+                    if stop:
+                        raise Interrupted(f"[{self.stage}] stopped by a signal after step {state['step']}; "
+                                          "checkpoint written: rerun the same command to resume")
+                bar.close()
+                summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
+                           "train_loss": running / max(seen, 1)}
+                if self.evaluate:
+                    summary.update(self.evaluate(acc.unwrap_model(student)))
+                history.append(summary)
+                acc.print(f"[{self.stage}] epoch {epoch + 1}/{spec.epochs}  "
+                          + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()
+                                      if k not in ("stage", "epoch")))
+                checkpoint(epoch + 1, 0)
         return FitResult(acc.unwrap_model(student), history)
 
-    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | None, batch: Any):
+    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | None, batch: Any,
+              where: str = ""):
         with self.accelerator.autocast():
             targets = None
             if objective.needs_teacher:
                 assert teacher is not None
-                targets = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+                try:
+                    targets = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"[{self.stage}] {where}: {exc}; stopping rather than "
+                                             "training on it") from None
             signals = forward_signals(student, batch.student_inputs, objective.student_signals)
             return objective(signals, targets, labels=batch.labels, mask=batch.mask)
 

@@ -63,8 +63,9 @@ def test_a_different_recipe_in_the_same_run_dir_is_refused(tmp_path, tiny_overri
         distill(other, run_dir, progress=False)
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides):
-    """SIGKILL in the middle of the student stage; the same command then finishes the run."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides, sig):
+    """A kill (or SIGTERM) in the middle of the student stage; the same command then finishes the run."""
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "potstill", "distill", "mnist", "--output-dir", str(run_dir),
             "--no-progress", *set_args([*tiny_overrides, "train.epochs=40", "baseline=false"])]
@@ -76,8 +77,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides):
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.05)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    output = proc.communicate(timeout=60)[0].decode()
+    if sig == signal.SIGTERM:  # finishes the step, writes a checkpoint, exits with a message
+        assert proc.returncode == 130, output
+        assert "checkpoint written" in output
     assert not (run_dir / "student").exists(), "the run finished before it could be killed"
     steps = sorted(checkpoints.glob("step-*"))
     assert steps, "no checkpoint was written"

@@ -79,3 +79,15 @@ def test_engine_trains_and_distills(tmp_path):
 def test_engine_refuses_a_distillation_objective_without_teacher(tmp_path):
     with pytest.raises(ValueError, match="none was given"):
         fit(tmp_path, TrainSpec(epochs=1), objective=Objective.hinton(alpha=0.5))
+
+
+def test_nan_in_teacher_outputs_stops_with_the_batch_index(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[0, 1] = float("nan")
+            return out
+
+    spec = TrainSpec(epochs=1, batch_size=8, mixed_precision="no")
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 0: teacher signal 'logits' contains NaN"):
+        fit(tmp_path, spec, teacher=Broken(), objective=Objective.hinton(alpha=0.5))
