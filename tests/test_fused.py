@@ -75,7 +75,7 @@ def test_fused_gradcheck_and_no_bias():
 
 
 def test_fused_fully_masked_and_errors():
-    hidden, weight, bias, t_hidden, t_weight, labels = problem()
+    hidden, weight, bias, t_hidden, t_weight, _ = problem()
     t_logits = t_hidden @ t_weight.T
     value = fused_linear_loss(hidden, weight, bias, teacher_logits=t_logits, mask=torch.zeros(3, 7))
     value.backward()
