@@ -45,27 +45,12 @@ class TrainSpec(_Section):
 
 
 class ModelSpec(_Section):
-    """A model: loaded from ``model_name_or_path``, or built from an architecture description."""
+    """Where a model comes from; tasks extend it with what they can build from scratch."""
 
+    #: a Hugging Face hub name or local folder (or a folder saved by potstill); null = build one
     model_name_or_path: str | None = None
-    architecture: Literal["mlp"] = "mlp"
-    hidden_sizes: list[int] = Field(default_factory=lambda: [800, 800])
-    dropout: float = Field(0.0, ge=0, lt=1)
-    input_dropout: float = Field(0.0, ge=0, lt=1)
-
-    @field_validator("hidden_sizes")
-    @classmethod
-    def _positive(cls, sizes: list[int]) -> list[int]:
-        if any(s < 1 for s in sizes):
-            raise ValueError(f"every hidden size must be >= 1, got {sizes}")
-        return sizes
-
-
-class TeacherSpec(ModelSpec):
-    #: how to train the teacher when ``model_name_or_path`` is not given
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    #: train the teacher on images shifted by up to this many pixels (Hinton 2015 used 2)
-    jitter: int = Field(0, ge=0, le=4)
+    #: run code shipped with a hub model; off unless the recipe says so
+    trust_remote_code: bool = False
 
 
 class DistillationSpec(_Section):
@@ -93,30 +78,22 @@ class DistillationSpec(_Section):
         return self
 
 
-class DataSpec(_Section):
-    name: Literal["mnist"] = "mnist"
-    #: folder holding the idx ``.gz`` files; null = the copy that ships with potstill
-    path: str | None = None
-    eval_fraction: float = Field(0.2, gt=0, lt=1)
-    #: use only the first N training examples (null = all)
-    train_limit: int | None = Field(None, ge=1)
-    #: classes left out of the distillation transfer set (Hinton's "dark knowledge" experiment)
-    exclude_from_transfer: list[int] = Field(default_factory=list)
-    split_seed: int = 0
-
-
 class Recipe(_Section):
-    """A whole distillation run."""
+    """What every recipe has; each task adds its ``data``, ``teacher`` and ``student`` sections
+    (see ``potstill.tasks``)."""
 
-    task: Literal["image-classification"] = "image-classification"
-    data: DataSpec = Field(default_factory=DataSpec)
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
-    student: ModelSpec = Field(default_factory=ModelSpec)
+    task: str
     distillation: DistillationSpec = Field(default_factory=DistillationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     #: also train the student from scratch on hard labels, for comparison
     baseline: bool = True
     output_dir: str = "runs/default"
+
+
+def recipe_types() -> dict[str, type[Recipe]]:
+    from .tasks import RECIPES
+
+    return RECIPES
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -130,11 +107,11 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], recipe_type: type[Recipe]) -> str:
     loc = tuple(error["loc"])
     where = ".".join(str(p) for p in loc) or "(recipe)"
     if error["type"] == "extra_forbidden":
-        allowed = _field_names(Recipe, loc)
+        allowed = _field_names(recipe_type, loc)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return f"unknown field {where!r}; allowed here: {', '.join(allowed)}.{hint}"
@@ -146,10 +123,17 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
     """Validate a recipe given as a dict; raises :class:`RecipeError` naming each bad field."""
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
+    types = recipe_types()
+    task = data.get("task", "image-classification")
+    if task not in types:
+        close = difflib.get_close_matches(str(task), types, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"field 'task': unknown task {task!r}; known tasks: {', '.join(types)}.{hint}")
+    recipe_type = types[task]
     try:
-        return Recipe.model_validate(data)
+        return recipe_type.model_validate({**data, "task": task})
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
+        lines = [_describe(e, recipe_type) for e in exc.errors()]
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
 
 

@@ -29,13 +29,11 @@ from torch import nn
 from .config import Recipe, RecipeError, TrainSpec, dump_recipe
 from .engine import Engine, make_loader
 from .io import atomic_path, write_json, write_text
-from .metrics import accuracy, agreement, held_out_kl, per_class_accuracy
-from .models import count_parameters, load_model, save_model
+from .models import load_model, save_model
 from .objective import Objective
 from .tasks import TASKS, Task
 
 HISTORY = "history.json"
-SOFTENING_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 @dataclass
@@ -44,16 +42,26 @@ class RunResult:
     metrics: dict[str, Any]
 
     def table(self) -> str:
-        """The comparison table printed at the end of a run."""
-        rows = [("model", "params", "accuracy", "agreement w/ teacher", "KL to teacher")]
-        for name, m in self.metrics["models"].items():
-            rows.append((name, f"{m['parameters']:,}", f"{m['accuracy']:.4f}",
-                         "—" if name == "teacher" else f"{m['agreement']:.4f}",
-                         "—" if name == "teacher" else f"{m['kl_to_teacher']:.4f}"))
+        """The comparison table printed at the end of a run: parameters, then the task's headline metrics."""
+        models = self.metrics["models"]
+        columns = ["parameters", *self.metrics.get("headline", [])]
+        columns += [k for k in dict.fromkeys(k for m in models.values() for k in m)
+                    if k not in columns and not isinstance(next(iter(models.values())).get(k), dict)]
+        rows = [["model", *columns]]
+        for name, m in models.items():
+            rows.append([name, *(_cell(m.get(c)) for c in columns)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _accelerator(recipe: Recipe) -> Accelerator:
@@ -84,7 +92,7 @@ class Run:
     def __init__(self, recipe: Recipe, run_dir: Path, progress: bool = True):
         self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
         self.accelerator = _accelerator(recipe)
-        self.task: Task = TASKS[recipe.task](recipe.data, progress=progress)
+        self.task: Task = TASKS[recipe.task](recipe, progress=progress)
         self.history: list[dict[str, Any]] = []
 
     def write_log(self, current: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
@@ -151,7 +159,8 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
     models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective,
                                   r.train, task.transfer_set, teacher=teacher)
 
-    metrics = evaluate_models(task, models, r)
+    metrics = task.compare(models)
+    metrics["distillation"] = r.distillation.model_dump()
     result = RunResult(run_dir, metrics)
     if run.accelerator.is_main_process:
         write_json(run_dir / "metrics.json", metrics)
@@ -159,27 +168,3 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
 
         write_report(run_dir)
     return result
-
-
-def evaluate_models(task: Task, models: dict[str, nn.Module], recipe: Recipe) -> dict[str, Any]:
-    """Accuracy, agreement and KL to the teacher on the eval set, plus what the report plots."""
-    labels = task.eval_labels  # type: ignore[attr-defined]
-    logits = {name: task.predict(model.cpu()) for name, model in models.items()}
-    teacher = logits["teacher"]
-    out: dict[str, Any] = {"models": {}, "eval_examples": len(labels)}
-    excluded = recipe.data.exclude_from_transfer
-    for name, value in logits.items():
-        entry = {"parameters": count_parameters(models[name]), "accuracy": accuracy(value, labels),
-                 "errors": int((value.argmax(-1) != labels).sum())}
-        if name != "teacher":
-            entry["agreement"] = agreement(value, teacher)
-            entry["kl_to_teacher"] = held_out_kl(value, teacher)
-        if excluded:
-            per_class = per_class_accuracy(value, labels, value.shape[-1])
-            entry["accuracy_on_excluded_classes"] = {str(c): per_class[c] for c in excluded}
-        out["models"][name] = entry
-    # one example's teacher logits, for the temperature-softening plot
-    out["softening_example"] = {"label": int(labels[0]), "teacher_logits": teacher[0].tolist(),
-                                "temperatures": list(SOFTENING_TEMPERATURES)}
-    out["distillation"] = recipe.distillation.model_dump()
-    return out

@@ -30,14 +30,16 @@ def write_report(run_dir: str | Path) -> Path:
     curves: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     evals: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     log = run_dir / "log.csv"
-    if log.is_file():
-        for row in csv.DictReader(log.open()):
-            if row.get("loss"):
-                curves[row["stage"]][0].append(float(row["step"]))
-                curves[row["stage"]][1].append(float(row["loss"]))
-            if row.get("eval_accuracy"):
-                evals[row["stage"]][0].append(float(row["epoch"]))
-                evals[row["stage"]][1].append(float(row["eval_accuracy"]))
+    rows = list(csv.DictReader(log.open())) if log.is_file() else []
+    # the first per-epoch eval metric the task logs (eval_accuracy, eval_bits_per_byte, ...)
+    eval_key = next((k for k in (rows[0] if rows else {}) if k.startswith("eval_")), None)
+    for row in rows:
+        if row.get("loss"):
+            curves[row["stage"]][0].append(float(row["step"]))
+            curves[row["stage"]][1].append(float(row["loss"]))
+        if eval_key and row.get(eval_key):
+            evals[row["stage"]][0].append(float(row["epoch"]))
+            evals[row["stage"]][1].append(float(row[eval_key]))
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     ax = axes[0]
@@ -49,31 +51,30 @@ def write_report(run_dir: str | Path) -> Path:
     ax = axes[1]
     for stage, (epochs, acc) in evals.items():
         ax.plot(epochs, acc, marker="o", label=stage)
-    ax.set(title="eval accuracy per epoch", xlabel="epoch", ylabel="accuracy")
+    ax.set(title=f"{eval_key or 'eval'} per epoch", xlabel="epoch", ylabel=eval_key or "")
     ax.legend()
 
     ax = axes[2]
     names = list(metrics["models"])
-    acc = [metrics["models"][n]["accuracy"] for n in names]
-    agree = [metrics["models"][n].get("agreement", 1.0) for n in names]
-    x = torch.arange(len(names)).tolist()
-    ax.bar([i - 0.2 for i in x], acc, width=0.4, label="accuracy")
-    ax.bar([i + 0.2 for i in x], agree, width=0.4, label="agreement with teacher")
-    ax.set_xticks(x, [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
-    low = min(acc + agree)
-    ax.set(title="teacher vs students (eval set)", ylim=(max(0.0, low - 0.05), 1.0))
-    for i, a in zip(x, acc, strict=True):
-        ax.annotate(f"{a:.3f}", (i - 0.2, a), ha="center", va="bottom", fontsize=8)
+    headline = metrics.get("headline", [])
+    width = 0.8 / max(len(headline), 1)
+    for k, key in enumerate(headline):
+        values = [metrics["models"][n].get(key) for n in names]
+        xs = [i + (k - (len(headline) - 1) / 2) * width for i in range(len(names)) if values[i] is not None]
+        ys = [v for v in values if v is not None]
+        ax.bar(xs, ys, width=width, label=key)
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.3f}", (x, y), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
+    ax.set(title="teacher vs students (eval set)")
     ax.legend(loc="lower right")
 
     ax = axes[3]
-    example = metrics["softening_example"]
-    temperatures = example["temperatures"]
-    for t, probs in zip(temperatures, softened(example["teacher_logits"], temperatures), strict=True):
-        ax.plot(range(len(probs)), probs, marker="o", label=f"T = {t:g}")
-    ax.set(title=f"teacher soft targets, one example (label {example['label']})",
-           xlabel="class", ylabel="probability", yscale="log")
-    ax.legend()
+    example = metrics.get("softening_example")
+    if example is None:
+        ax.set_visible(False)
+    else:
+        _softening(ax, example)
 
     fig.tight_layout()
     path = run_dir / "report.png"
@@ -81,3 +82,12 @@ def write_report(run_dir: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
+
+
+def _softening(ax, example: dict) -> None:
+    temperatures = example["temperatures"]
+    for t, probs in zip(temperatures, softened(example["teacher_logits"], temperatures), strict=True):
+        ax.plot(range(len(probs)), probs, marker="o", label=f"T = {t:g}")
+    ax.set(title=f"teacher soft targets, one example (label {example['label']})",
+           xlabel="class", ylabel="probability", yscale="log")
+    ax.legend()

@@ -3,9 +3,12 @@
 One module per flavour; the engine and the objective never know which one runs.
 """
 
+from ..config import Recipe
 from .base import Batch, Task
-from .image_classification import ImageClassification
+from .image_classification import ImageClassification, ImageClassificationRecipe
 
+#: task name → (the task, its recipe schema)
 TASKS: dict[str, type[Task]] = {"image-classification": ImageClassification}
+RECIPES: dict[str, type[Recipe]] = {"image-classification": ImageClassificationRecipe}
 
-__all__ = ["TASKS", "Batch", "ImageClassification", "Task"]
+__all__ = ["RECIPES", "TASKS", "Batch", "ImageClassification", "Task"]

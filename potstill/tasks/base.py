@@ -42,7 +42,9 @@ class Batch:
 
 
 class Task(Protocol):
-    """A flavour's data and models. See :class:`~potstill.tasks.ImageClassification`."""
+    """A flavour's data and models, built from its recipe. See :class:`~potstill.tasks.ImageClassification`."""
+
+    headline: tuple[str, ...]
 
     train_set: Dataset
     eval_set: Dataset
@@ -54,6 +56,10 @@ class Task(Protocol):
 
     def build_model(self, spec: Any) -> nn.Module: ...
 
-    def predict(self, model: nn.Module, dataset: Dataset, batch_size: int) -> Tensor: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of one model on the eval set, run at the end of every epoch."""
+        ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
+        """The final comparison: ``{"models": {name: {metric: value}}, "headline": [...], ...}``."""
+        ...

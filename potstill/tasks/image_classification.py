@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
-from ..config import DataSpec, ModelSpec
+from ..config import ModelSpec, Recipe, TrainSpec, _Section
 from ..data.mnist import load_mnist
-from ..metrics import accuracy
-from ..models import MLP, load_model
+from ..metrics import accuracy, agreement, held_out_kl, per_class_accuracy
+from ..models import MLP, count_parameters, load_model
 from .base import Batch
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28 * 28
+SOFTENING_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+class MnistData(_Section):
+    name: Literal["mnist"] = "mnist"
+    #: folder holding the idx ``.gz`` files; null = the copy that ships with potstill
+    path: str | None = None
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    #: use only the first N training examples (null = all)
+    train_limit: int | None = Field(None, ge=1)
+    #: classes left out of the distillation transfer set (Hinton's "dark knowledge" experiment)
+    exclude_from_transfer: list[int] = Field(default_factory=list)
+    split_seed: int = 0
+
+
+class MLPSpec(ModelSpec):
+    architecture: Literal["mlp"] = "mlp"
+    hidden_sizes: list[int] = Field(default_factory=lambda: [800, 800])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    input_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"every hidden size must be >= 1, got {sizes}")
+        return sizes
+
+
+class MLPTeacherSpec(MLPSpec):
+    #: how to train the teacher when ``model_name_or_path`` is not given
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    #: train the teacher on images shifted by up to this many pixels (Hinton 2015 used 2)
+    jitter: int = Field(0, ge=0, le=4)
+
+
+class ImageClassificationRecipe(Recipe):
+    task: Literal["image-classification"] = "image-classification"
+    data: MnistData = Field(default_factory=MnistData)
+    teacher: MLPTeacherSpec = Field(default_factory=MLPTeacherSpec)
+    student: MLPSpec = Field(default_factory=MLPSpec)
 
 
 def shift_images(images: Tensor, pixels: int) -> Tensor:
@@ -35,7 +79,11 @@ def shift_images(images: Tensor, pixels: int) -> Tensor:
 class ImageClassification:
     """MNIST split into train / eval with a fixed seed; the student and teacher read the same image."""
 
-    def __init__(self, data: DataSpec, progress: bool = True):
+    #: metrics.json keys the table and the report lead with
+    headline = ("accuracy", "agreement")
+
+    def __init__(self, recipe: ImageClassificationRecipe, progress: bool = True):
+        data = recipe.data
         images, labels = load_mnist(data.path)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(data.split_seed))
         n_eval = round(len(labels) * data.eval_fraction)
@@ -45,12 +93,13 @@ class ImageClassification:
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.eval_set = TensorDataset(images[eval_idx], labels[eval_idx])
         self.eval_labels = labels[eval_idx]
+        self.excluded = data.exclude_from_transfer
         self.transfer_set: Dataset = self.train_set
-        if data.exclude_from_transfer:
-            bad = [c for c in data.exclude_from_transfer if not 0 <= c < NUM_CLASSES]
+        if self.excluded:
+            bad = [c for c in self.excluded if not 0 <= c < NUM_CLASSES]
             if bad:
                 raise ValueError(f"data.exclude_from_transfer: classes {bad} are not in 0..9")
-            keep = ~torch.isin(labels[train_idx], torch.tensor(data.exclude_from_transfer))
+            keep = ~torch.isin(labels[train_idx], torch.tensor(self.excluded))
             self.transfer_set = Subset(self.train_set, keep.nonzero().flatten().tolist())
         if len(self.transfer_set) == 0:
             raise ValueError("the transfer set is empty: check data.train_limit and data.exclude_from_transfer")
@@ -65,13 +114,13 @@ class ImageClassification:
             images = shift_images(images, jitter)
         return Batch(student_inputs=images, teacher_inputs=images, labels=labels)
 
-    def training_collate(self, spec: ModelSpec):
+    def training_collate(self, spec: ModelSpec) -> Callable[[list[Any]], Batch]:
         """The collate for training a model of ``spec`` (teachers may train on jittered images)."""
         jitter = getattr(spec, "jitter", 0)
         return partial(self.collate, jitter=jitter) if jitter else self.collate
 
     @staticmethod
-    def build_model(spec: ModelSpec) -> nn.Module:
+    def build_model(spec: MLPSpec) -> nn.Module:
         if spec.model_name_or_path:
             return load_model(spec.model_name_or_path)
         return MLP(IMAGE_SIZE, NUM_CLASSES, spec.hidden_sizes, dropout=spec.dropout,
@@ -85,12 +134,33 @@ class ImageClassification:
         model.eval()
         device = next(model.parameters()).device
         outputs = []
-        starts = range(0, len(dataset), batch_size)  # type: ignore[arg-type]
-        for start in tqdm(starts, desc="evaluating", leave=False, disable=not self.progress):
-            batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])  # type: ignore[arg-type]
+        size = len(dataset)  # type: ignore[arg-type]
+        for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
+            batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, size))])
             outputs.append(model(batch.student_inputs.to(device)).float().cpu())
         model.train(was_training)
         return torch.cat(outputs)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return {"eval_accuracy": accuracy(self.predict(model), self.eval_labels)}
+
+    def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
+        """Accuracy, agreement and KL to the teacher on the eval set, plus what the report plots."""
+        labels = self.eval_labels
+        logits = {name: self.predict(model.cpu()) for name, model in models.items()}
+        teacher = logits["teacher"]
+        out: dict[str, Any] = {"models": {}, "eval_examples": len(labels), "headline": list(self.headline)}
+        for name, value in logits.items():
+            entry = {"parameters": count_parameters(models[name]), "accuracy": accuracy(value, labels),
+                     "errors": int((value.argmax(-1) != labels).sum())}
+            if name != "teacher":
+                entry["agreement"] = agreement(value, teacher)
+                entry["kl_to_teacher"] = held_out_kl(value, teacher)
+            if self.excluded:
+                per_class = per_class_accuracy(value, labels, NUM_CLASSES)
+                entry["accuracy_on_excluded_classes"] = {str(c): per_class[c] for c in self.excluded}
+            out["models"][name] = entry
+        # one example's teacher logits, for the temperature-softening plot
+        out["softening_example"] = {"label": int(labels[0]), "teacher_logits": teacher[0].tolist(),
+                                    "temperatures": list(SOFTENING_TEMPERATURES)}
+        return out
