@@ -122,6 +122,8 @@ class Run:
         if self.accelerator.is_main_process:
             with atomic_path(folder) as tmp:
                 save_model(result.model, tmp)
+                if hasattr(self.task, "save_extras"):
+                    self.task.save_extras(tmp)
                 write_json(tmp / HISTORY, result.history)
             shutil.rmtree(self.run_dir / "checkpoints" / name, ignore_errors=True)
         self.accelerator.wait_for_everyone()

@@ -84,6 +84,11 @@ def load_model(folder: str | Path, **hf_kwargs: Any) -> nn.Module:
             model = BUILDERS[config[ARCHITECTURE_KEY]](**kwargs)
             model.load_state_dict(load_file(folder / WEIGHTS))
             return model
-    from transformers import AutoModel
+    import transformers
 
-    return AutoModel.from_pretrained(str(folder), use_safetensors=True, **hf_kwargs)
+    # load the class that was saved (e.g. LlamaForCausalLM), not a headless AutoModel
+    config = transformers.AutoConfig.from_pretrained(str(folder), **hf_kwargs)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    model_class = model_class or transformers.AutoModel
+    return model_class.from_pretrained(str(folder), use_safetensors=True, **hf_kwargs)

@@ -5,10 +5,12 @@ One module per flavour; the engine and the objective never know which one runs.
 
 from ..config import Recipe
 from .base import Batch, Task
+from .causal_lm import CausalLM, CausalLMRecipe
 from .image_classification import ImageClassification, ImageClassificationRecipe
 
-#: task name → (the task, its recipe schema)
-TASKS: dict[str, type[Task]] = {"image-classification": ImageClassification}
-RECIPES: dict[str, type[Recipe]] = {"image-classification": ImageClassificationRecipe}
+#: task name → the task, and its recipe schema
+TASKS: dict[str, type[Task]] = {"image-classification": ImageClassification, "causal-lm": CausalLM}
+RECIPES: dict[str, type[Recipe]] = {"image-classification": ImageClassificationRecipe,
+                                    "causal-lm": CausalLMRecipe}
 
-__all__ = ["RECIPES", "TASKS", "Batch", "ImageClassification", "Task"]
+__all__ = ["RECIPES", "TASKS", "Batch", "CausalLM", "ImageClassification", "Task"]
