@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import RecipeError
+from .teachers import CacheMismatch
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -15,6 +16,16 @@ def _distill(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     result = distill(recipe, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"\n{result.table()}\n\nrun directory: {result.run_dir}")
+    return 0
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+    from .distill import cache_teacher
+
+    info = cache_teacher(load_recipe(args.recipe, args.set), args.output_dir, progress=not args.no_progress)
+    print(f"teacher cache: {info.folder} ({info.manifest['positions']:,} positions, "
+          f"{info.bytes_per_position:.0f} bytes each)")
     return 0
 
 
@@ -46,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_distill)
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once and store its top-k for training")
+    p.add_argument("recipe", help="a recipe YAML file or a built-in recipe name")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field")
+    p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cache_teacher)
+
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_recipes)
 
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as exc:
+    except (RecipeError, CacheMismatch, FileNotFoundError) as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

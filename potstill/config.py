@@ -78,6 +78,19 @@ class DistillationSpec(_Section):
         return self
 
 
+class CacheSpec(_Section):
+    """Run the teacher once and train from its stored top-k (see potstill.teachers)."""
+
+    top_k: int = Field(64, ge=1)
+    dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    #: the teacher's mass outside its top-k: a shared "rest" entry, or dropped and renormalised
+    leftover: Literal["bucket", "renormalize"] = "bucket"
+    #: examples per shard file
+    shard_size: int = Field(256, ge=1)
+    #: where the cache lives; null = <output_dir>/teacher-cache
+    path: str | None = None
+
+
 class Recipe(_Section):
     """What every recipe has; each task adds its ``data``, ``teacher`` and ``student`` sections
     (see ``potstill.tasks``)."""
@@ -85,6 +98,8 @@ class Recipe(_Section):
     task: str
     distillation: DistillationSpec = Field(default_factory=DistillationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    #: train the student from a cache of the teacher's top-k instead of a live teacher
+    teacher_cache: CacheSpec | None = None
     #: also train the student from scratch on hard labels, for comparison
     baseline: bool = True
     output_dir: str = "runs/default"

@@ -26,12 +26,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from .config import Recipe, RecipeError, TrainSpec, dump_recipe
+from .config import CacheSpec, Recipe, RecipeError, TrainSpec, dump_recipe
 from .engine import Engine, make_loader
 from .io import atomic_path, write_json, write_text
 from .models import load_model, save_model
 from .objective import Objective
 from .tasks import TASKS, Task
+from .teachers import CachedTeacher, CacheInfo, IndexedDataset, indexed_collate, write_cache
 
 HISTORY = "history.json"
 
@@ -95,6 +96,33 @@ class Run:
         self.task: Task = TASKS[recipe.task](recipe, progress=progress)
         self.history: list[dict[str, Any]] = []
 
+    @classmethod
+    def open(cls, recipe: Recipe, output_dir: str | Path | None, overwrite: bool, progress: bool) -> Run:
+        run = cls(recipe, Path(output_dir or recipe.output_dir), progress)
+        if run.accelerator.is_main_process:
+            prepare_run_dir(recipe, run.run_dir, overwrite)
+        run.accelerator.wait_for_everyone()
+        return run
+
+    def teacher(self) -> nn.Module:
+        """The recipe's teacher: loaded if it names one, else trained (or resumed, or reloaded)."""
+        spec = self.recipe.teacher
+        if spec.model_name_or_path:
+            return self.task.build_model(spec)
+        return self.stage("teacher", self.build(spec, spec.train.seed), Objective.supervised(), spec.train,
+                          self.task.train_set, collate=self.task.training_collate(spec))
+
+    def cache(self, teacher: nn.Module, spec: CacheSpec) -> CacheInfo:
+        """Write (or finish, or check) the teacher cache over the transfer set."""
+        folder = Path(spec.path) if spec.path else self.run_dir / "teacher-cache"
+        info = write_cache(folder, teacher, self.task.transfer_set, self.task.collate, top_k_size=spec.top_k,
+                           temperature=self.recipe.distillation.temperature, dtype=spec.dtype,
+                           shard_size=spec.shard_size, progress=self.progress,
+                           identity={"teacher_name": self.recipe.teacher.model_name_or_path or "trained"})
+        self.accelerator.print(f"[cache] {folder}: {info.manifest['positions']:,} positions, "
+                               f"{info.bytes_per_position:.0f} bytes per position (top-{spec.top_k}, {spec.dtype})")
+        return info
+
     def write_log(self, current: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
         if not self.accelerator.is_main_process:
             return
@@ -139,34 +167,38 @@ class Run:
 def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool = False,
             progress: bool = True) -> RunResult:
     """Run ``recipe``: teacher, scratch student (if ``baseline``), distilled student, report."""
-    run_dir = Path(output_dir or recipe.output_dir)
-    run = Run(recipe, run_dir, progress)
-    if run.accelerator.is_main_process:
-        prepare_run_dir(recipe, run_dir, overwrite)
-    run.accelerator.wait_for_everyone()
+    run = Run.open(recipe, output_dir, overwrite, progress)
     task, r = run.task, recipe
-
-    if r.teacher.model_name_or_path:
-        teacher = task.build_model(r.teacher)
-    else:
-        teacher = run.stage("teacher", run.build(r.teacher, r.teacher.train.seed),
-                            Objective.supervised(), r.teacher.train, task.train_set,
-                            collate=task.training_collate(r.teacher))
+    teacher = run.teacher()
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", run.build(r.student, r.train.seed),
                                       Objective.supervised(), r.train, task.transfer_set)
-    objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature,
-                                 r.distillation.loss, **r.distillation.params)
-    models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective,
-                                  r.train, task.transfer_set, teacher=teacher)
+    objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature, r.distillation.loss,
+                                 sparse_leftover=r.teacher_cache.leftover if r.teacher_cache else "bucket",
+                                 **r.distillation.params)
+    if r.teacher_cache:
+        cached = CachedTeacher(run.cache(teacher, r.teacher_cache).folder)
+        models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective, r.train,
+                                      IndexedDataset(task.transfer_set), teacher=cached,
+                                      collate=indexed_collate(task.collate))
+    else:
+        models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective,
+                                      r.train, task.transfer_set, teacher=teacher)
 
     metrics = task.compare(models)
     metrics["distillation"] = r.distillation.model_dump()
-    result = RunResult(run_dir, metrics)
+    result = RunResult(run.run_dir, metrics)
     if run.accelerator.is_main_process:
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run.run_dir / "metrics.json", metrics)
         from .report import write_report
 
-        write_report(run_dir)
+        write_report(run.run_dir)
     return result
+
+
+def cache_teacher(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool = False,
+                  progress: bool = True) -> CacheInfo:
+    """Only the teacher (loaded or trained) and its top-k cache (``recipe.teacher_cache``, or its defaults)."""
+    run = Run.open(recipe, output_dir, overwrite, progress)
+    return run.cache(run.teacher(), recipe.teacher_cache or CacheSpec())

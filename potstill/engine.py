@@ -28,6 +28,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainSpec
 from .objective import Objective
 from .signals import forward_signals, teacher_signals
+from .teachers import CachedTeacher
 
 
 class Interrupted(KeyboardInterrupt):
@@ -135,7 +136,7 @@ class Engine:
         self.evaluate, self.on_checkpoint = evaluate, on_checkpoint
 
     def fit(self, student: nn.Module, objective: Objective, loader: DataLoader,
-            teacher: nn.Module | None = None) -> FitResult:
+            teacher: nn.Module | CachedTeacher | None = None) -> FitResult:
         acc, spec = self.accelerator, self.spec
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"stage {self.stage!r}: the objective compares with a teacher, but none was given")
@@ -150,7 +151,7 @@ class Engine:
         sampler = loader.sampler
         student, objective, optimizer, loader, scheduler = acc.prepare(
             student, objective, optimizer, loader, scheduler)
-        if teacher is not None:
+        if isinstance(teacher, nn.Module):
             teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
 
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
@@ -224,14 +225,15 @@ class Engine:
                 checkpoint(epoch + 1, 0)
         return FitResult(acc.unwrap_model(student), history)
 
-    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | None, batch: Any,
+    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | CachedTeacher | None, batch: Any,
               where: str = ""):
         with self.accelerator.autocast():
             targets = None
             if objective.needs_teacher:
                 assert teacher is not None
                 try:
-                    targets = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+                    targets = (teacher.signals(batch) if isinstance(teacher, CachedTeacher)
+                               else teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals))
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"[{self.stage}] {where}: {exc}; stopping rather than "
                                              "training on it") from None

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .losses import check_params, get_loss
+from .losses import SparseTarget, check_params, get_loss, sparse_loss
 from .signals import LOGITS
 
 
@@ -57,21 +57,23 @@ class ObjectiveOutput(NamedTuple):
 class Objective(nn.Module):
     """A weighted sum of :class:`Term` s. Terms with weight 0 are dropped."""
 
-    def __init__(self, terms: Sequence[Term]):
+    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket"):
         super().__init__()
         self.terms = tuple(t for t in terms if t.weight > 0)
+        #: how a cached (top-k) teacher's leftover mass is treated, see losses.sparse
+        self.sparse_leftover = sparse_leftover
         if not self.terms:
             raise ValueError("an objective needs at least one term with a positive weight")
 
     @classmethod
     def hinton(cls, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kl",
-               **params: Any) -> Objective:
+               sparse_leftover: str = "bucket", **params: Any) -> Objective:
         """``α · loss(student, teacher; T) + (1 − α) · CE(labels)``; ``α = 0`` is plain training."""
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if get_loss(loss).uses_temperature:
             params = {"temperature": temperature, **params}
-        return cls([Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha)])
+        return cls([Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha)], sparse_leftover)
 
     @classmethod
     def supervised(cls) -> Objective:
@@ -103,9 +105,14 @@ class Objective(nn.Module):
             else:
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")
-                value = spec.fn(student[term.student], teacher[term.teacher], mask=mask,
-                                labels=labels if _per_position(labels, student[term.student])
-                                else None, **term.params)
+                target = teacher[term.teacher]
+                position_labels = labels if _per_position(labels, student[term.student]) else None
+                if isinstance(target, SparseTarget):  # a cached teacher's top-k
+                    value = sparse_loss(student[term.student], target, loss=term.loss, mask=mask,
+                                        labels=position_labels, leftover=self.sparse_leftover, **term.params)
+                else:
+                    value = spec.fn(student[term.student], target, mask=mask, labels=position_labels,
+                                    **term.params)
             parts[term.label] = value.detach()
             total = term.weight * value if total is None else total + term.weight * value
         assert total is not None

@@ -19,6 +19,7 @@ from .divergences import (
 )
 from .features import Projection, attention_map, attention_transfer, cosine_loss
 from .registry import LOSSES, LossSpec, check_params, get_loss
+from .sparse import SparseTarget, sparse_loss, top_k
 from .uld import uld
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "LossSpec",
     "Projection",
     "Reduction",
+    "SparseTarget",
     "attention_map",
     "attention_transfer",
     "check_params",
@@ -45,6 +47,8 @@ __all__ = [
     "skew_reverse_kl",
     "soft_cross_entropy",
     "soft_targets",
+    "sparse_loss",
+    "top_k",
     "total_variation",
     "uld",
 ]

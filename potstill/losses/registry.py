@@ -26,6 +26,8 @@ class LossSpec:
     target: Literal["teacher", "labels"] = "teacher"
     #: whether the loss takes a temperature (the KL family, TV)
     uses_temperature: bool = True
+    #: whether the loss is multiplied by T² (the KL family)
+    scaled_by_t2: bool = False
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -39,13 +41,13 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {
-    "kl": LossSpec(d.kl_divergence),
-    "reverse_kl": LossSpec(d.reverse_kl),
-    "jsd": LossSpec(d.jsd),
-    "skew_kl": LossSpec(d.skew_kl),
-    "skew_reverse_kl": LossSpec(d.skew_reverse_kl),
+    "kl": LossSpec(d.kl_divergence, scaled_by_t2=True),
+    "reverse_kl": LossSpec(d.reverse_kl, scaled_by_t2=True),
+    "jsd": LossSpec(d.jsd, scaled_by_t2=True),
+    "skew_kl": LossSpec(d.skew_kl, scaled_by_t2=True),
+    "skew_reverse_kl": LossSpec(d.skew_reverse_kl, scaled_by_t2=True),
     "tvd": LossSpec(d.total_variation),
-    "soft_cross_entropy": LossSpec(d.soft_cross_entropy),
+    "soft_cross_entropy": LossSpec(d.soft_cross_entropy, scaled_by_t2=True),
     "mse": LossSpec(d.logit_mse, uses_temperature=False),
     "cross_entropy": LossSpec(d.cross_entropy, target="labels", uses_temperature=False),
     "uld": LossSpec(uld),

@@ -32,6 +32,8 @@ class Batch:
     teacher_inputs: Any
     labels: Tensor | None = None
     mask: Tensor | None = None
+    #: the examples' positions in their data set (to find them in a teacher cache)
+    indices: Tensor | None = None
 
     def to(self, device: torch.device | str, **kwargs: Any) -> Batch:
         kwargs.pop("non_blocking", None)
