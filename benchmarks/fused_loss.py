@@ -33,6 +33,13 @@ def rss_mb() -> float:
 
 
 def child(method: str, n: int, h: int, v: int, repeats: int, chunk: int) -> dict:
+    # imports first, so the baseline resident set includes the libraries and only the loss's
+    # own allocations count
+    from potstill.losses import jsd
+    from potstill.losses.fused import fused_linear_loss
+
+    if method == "trl":
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
     torch.manual_seed(0)
     hidden = torch.randn(n, h).requires_grad_()
     weight = (torch.randn(v, h) * 0.02).requires_grad_()
@@ -41,8 +48,6 @@ def child(method: str, n: int, h: int, v: int, repeats: int, chunk: int) -> dict
 
     def run() -> None:
         if method == "fused":
-            from potstill.losses.fused import fused_linear_loss
-
             loss = fused_linear_loss(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight,
                                      loss="jsd", beta=0.5, chunk_size=chunk)
         else:
@@ -50,12 +55,8 @@ def child(method: str, n: int, h: int, v: int, repeats: int, chunk: int) -> dict
             with torch.no_grad():
                 t_logits = t_hidden @ t_weight.T
             if method == "naive":
-                from potstill.losses import jsd
-
                 loss = jsd(s_logits, t_logits, beta=0.5)
             else:
-                from trl.experimental.gkd.gkd_trainer import GKDTrainer
-
                 loss = GKDTrainer.generalized_jsd_loss(s_logits, t_logits, beta=0.5)
         loss.backward()
         hidden.grad = weight.grad = None
@@ -91,9 +92,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fused", "naive", "trl"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--memory-limit-gb", type=float, default=20.0, help="address-space limit per method")
     parser.add_argument("--out", default="benchmarks/results/fused_loss.json")
     args = parser.parse_args()
     if args.child:
+        # a failed allocation is an honest "out of memory" row, not the kernel's OOM killer
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         method, n, h, v = args.child
         print(json.dumps(child(method, int(n), int(h), int(v), args.repeats, args.chunk)))
         return
@@ -104,7 +109,8 @@ def main() -> None:
         for v in args.vs:
             for method in args.methods:
                 cmd = [sys.executable, __file__, "--child", method, str(n), str(args.h), str(v),
-                       "--repeats", str(args.repeats), "--chunk", str(args.chunk)]
+                       "--repeats", str(args.repeats), "--chunk", str(args.chunk),
+                       "--memory-limit-gb", str(args.memory_limit_gb)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     tail = (done.stderr.strip().splitlines() or ["?"])[-1]

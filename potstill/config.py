@@ -39,6 +39,9 @@ class TrainSpec(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    #: compute LM logits chunk by chunk inside the loss (losses.fused): "auto" = for Hugging Face
+    #: LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
+    fused_loss: Literal["auto", "on", "off"] = "auto"
     #: save a checkpoint every N optimiser steps (0: only at the end of each epoch)
     checkpoint_every: int = Field(0, ge=0)
     seed: int = 0

@@ -27,8 +27,11 @@ from tqdm.auto import tqdm
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainSpec
 from .objective import Objective
-from .signals import forward_signals, teacher_signals
+from .signals import forward_signals, output_head, teacher_signals
 from .teachers import CachedTeacher
+
+#: vocabulary size from which fused_loss "auto" computes the logits chunk by chunk
+FUSE_FROM_VOCAB = 32_768
 
 
 class Interrupted(KeyboardInterrupt):
@@ -154,6 +157,7 @@ class Engine:
         if isinstance(teacher, nn.Module):
             teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
 
+        self.fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, teacher)
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if checkpoints:
@@ -225,6 +229,18 @@ class Engine:
                 checkpoint(epoch + 1, 0)
         return FitResult(acc.unwrap_model(student), history)
 
+    def _fuse(self, student: nn.Module, teacher: nn.Module | CachedTeacher | None) -> bool:
+        """Whether to hand the loss the student's head inputs instead of its logits (see TrainSpec.fused_loss)."""
+        mode = self.spec.fused_loss
+        head = output_head(student)
+        if mode == "off" or (mode == "auto" and (head is None or head.out_features < FUSE_FROM_VOCAB
+                                                  or isinstance(teacher, CachedTeacher))):
+            return False
+        if head is None or isinstance(teacher, CachedTeacher):
+            raise ValueError(f"[{self.stage}] fused_loss: on needs a Hugging Face LM student trained in one process "
+                             "from a live teacher")
+        return True
+
     def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | CachedTeacher | None, batch: Any,
               where: str = ""):
         with self.accelerator.autocast():
@@ -233,11 +249,12 @@ class Engine:
                 assert teacher is not None
                 try:
                     targets = (teacher.signals(batch) if isinstance(teacher, CachedTeacher)
-                               else teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals))
+                               else teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals,
+                                                    fuse_head=self.fuse))
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"[{self.stage}] {where}: {exc}; stopping rather than "
                                              "training on it") from None
-            signals = forward_signals(student, batch.student_inputs, objective.student_signals)
+            signals = forward_signals(student, batch.student_inputs, objective.student_signals, fuse_head=self.fuse)
             return objective(signals, targets, labels=batch.labels, mask=batch.mask)
 
 

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from .losses import SparseTarget, check_params, get_loss, sparse_loss
-from .signals import LOGITS
+from .losses.fused import fused_linear_loss
+from .signals import LOGITS, HeadInputs
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ class ObjectiveOutput(NamedTuple):
 class Objective(nn.Module):
     """A weighted sum of :class:`Term` s. Terms with weight 0 are dropped."""
 
-    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket"):
+    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket", chunk_size: int = 1024):
         super().__init__()
+        #: tokens per chunk when the student hands over its head inputs (see HeadInputs)
+        self.chunk_size = chunk_size
         self.terms = tuple(t for t in terms if t.weight > 0)
         #: how a cached (top-k) teacher's leftover mass is treated, see losses.sparse
         self.sparse_leftover = sparse_leftover
@@ -92,8 +95,13 @@ class Objective(nn.Module):
     def teacher_signals(self) -> set[str]:
         return {t.teacher for t in self.terms if t.uses_teacher}
 
-    def forward(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor] | None = None,
-                *, labels: Tensor | None = None, mask: Tensor | None = None) -> ObjectiveOutput:
+    def forward(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None = None,
+                *, labels: Tensor | None = None, mask: Tensor | None = None,
+                reduction: str = "mean") -> ObjectiveOutput:
+        """The weighted sum; ``reduction="sum"`` lets a caller normalise by a larger token count
+        (all micro-batches of an accumulated step, all processes)."""
+        if isinstance(student.get(LOGITS), HeadInputs):
+            return self._fused(student[LOGITS], teacher, labels, mask, reduction)
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for term in self.terms:
@@ -101,7 +109,7 @@ class Objective(nn.Module):
             if spec.target == "labels":
                 if labels is None:
                     raise ValueError(f"term {term.loss!r} needs labels but the batch has none")
-                value = spec.fn(student[term.student], labels, mask=mask, **term.params)
+                value = spec.fn(student[term.student], labels, mask=mask, reduction=reduction, **term.params)
             else:
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")
@@ -109,14 +117,44 @@ class Objective(nn.Module):
                 position_labels = labels if _per_position(labels, student[term.student]) else None
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
                     value = sparse_loss(student[term.student], target, loss=term.loss, mask=mask,
-                                        labels=position_labels, leftover=self.sparse_leftover, **term.params)
+                                        labels=position_labels, leftover=self.sparse_leftover,
+                                        reduction=reduction, **term.params)
                 else:
                     value = spec.fn(student[term.student], target, mask=mask, labels=position_labels,
-                                    **term.params)
+                                    reduction=reduction, **term.params)
             parts[term.label] = value.detach()
             total = term.weight * value if total is None else total + term.weight * value
         assert total is not None
         return ObjectiveOutput(total, parts)
+
+    def _fused(self, head: HeadInputs, teacher: Mapping[str, Any] | None, labels: Tensor | None,
+               mask: Tensor | None, reduction: str) -> ObjectiveOutput:
+        """``w_d · loss + w_ce · CE`` straight from the student's head inputs, chunk by chunk."""
+        soft, hard = _fused_split(self.terms)
+        w_soft, w_hard = (soft.weight if soft else 0.0), (hard.weight if hard else 0.0)
+        target = teacher[LOGITS] if (soft and teacher is not None) else None
+        if soft and target is None:
+            raise ValueError(f"term {soft.loss!r} needs teacher signals")
+        teacher_args = ({"teacher_hidden": target.hidden, "teacher_weight": target.weight,
+                         "teacher_bias": target.bias} if isinstance(target, HeadInputs)
+                        else {"teacher_logits": target})
+        value = fused_linear_loss(head.hidden, head.weight, head.bias, labels=labels, mask=mask,
+                                  loss=soft.loss if soft else "kl", alpha=w_soft / (w_soft + w_hard),
+                                  chunk_size=self.chunk_size, reduction=reduction,
+                                  **(dict(soft.params) if soft else {}),
+                                  **teacher_args) * (w_soft + w_hard)
+        return ObjectiveOutput(value, {"fused": value.detach()})
+
+
+def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
+    """The (distillation, cross-entropy) terms of an objective the fused loss can compute, or raise."""
+    soft = [t for t in terms if t.uses_teacher]
+    hard = [t for t in terms if not t.uses_teacher]
+    if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS for t in terms) \
+            or (soft and soft[0].loss in ("uld", "cosine", "attention")):
+        raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
+                         "this objective has other terms: turn fused_loss off")
+    return (soft[0] if soft else None), (hard[0] if hard else None)
 
 
 def _per_position(labels: Tensor | None, logits: Tensor) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -77,21 +77,56 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def forward_signals(model: nn.Module, inputs: Any, names: Iterable[str]) -> dict[str, Tensor]:
-    """Run ``model`` on ``inputs`` and return the requested signals by name."""
+class HeadInputs(NamedTuple):
+    """The logits left uncomputed: the output head's input and weights (``logits = hidden @ weight.T + bias``).
+
+    Losses that understand it (:func:`potstill.losses.fused.fused_linear_loss`) compute the
+    logits one chunk of tokens at a time instead of materialising all ``N × V`` of them.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The output projection of a Hugging Face LM whose logits are exactly ``head(last_hidden_state)``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+        return None
+    # models that post-process logits (soft-capping, scaling) cannot skip them
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return head
+
+
+def forward_signals(model: nn.Module, inputs: Any, names: Iterable[str],
+                    fuse_head: bool = False) -> dict[str, Any]:
+    """Run ``model`` on ``inputs`` and return the requested signals by name.
+
+    ``fuse_head``: for a model with an :func:`output_head`, return :class:`HeadInputs` as
+    ``"logits"`` and skip computing the logits.
+    """
     names = set(names)
+    head = output_head(model) if fuse_head else None
     with capture(model, sorted(names - {LOGITS})) as captured:
-        output = call_model(model, inputs)
-    signals = dict(captured)
-    signals[LOGITS] = logits_of(output)
+        if head is not None:
+            base_inputs = inputs if isinstance(inputs, Mapping) else {"input_ids": inputs}
+            hidden = model.base_model(**base_inputs).last_hidden_state
+        else:
+            output = call_model(model, inputs)
+    signals: dict[str, Any] = dict(captured)
+    signals[LOGITS] = HeadInputs(hidden, head.weight, head.bias) if head is not None else logits_of(output)
     return signals
 
 
 @torch.no_grad()
-def teacher_signals(teacher: nn.Module, inputs: Any, names: Iterable[str]) -> dict[str, Tensor]:
+def teacher_signals(teacher: nn.Module, inputs: Any, names: Iterable[str], fuse_head: bool = False) -> dict[str, Any]:
     """Signals from a frozen teacher: no gradients, eval mode, and a clear stop on NaN/Inf."""
-    signals = forward_signals(teacher, inputs, names)
+    signals = forward_signals(teacher, inputs, names, fuse_head)
     for name, value in signals.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        tensor = value.hidden if isinstance(value, HeadInputs) else value
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise FloatingPointError(f"teacher signal {name!r} contains NaN or Inf")
     return signals

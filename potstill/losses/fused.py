@@ -44,13 +44,15 @@ class _FusedLinearLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             with torch.no_grad():
-                t_logits = (teacher["logits"][rows] if teacher["logits"] is not None
-                            else _logits(teacher["hidden"][rows], teacher["weight"], teacher["bias"]))
+                t_logits = None
+                if alpha > 0:
+                    t_logits = (teacher["logits"][rows] if teacher["logits"] is not None
+                                else _logits(teacher["hidden"][rows], teacher["weight"], teacher["bias"]))
+                # the chunk's logits as a leaf: autograd only differentiates the loss w.r.t. them,
+                # and the matmuls of the chain rule below write into the accumulators in place
+                s_logits = _logits(hidden[rows], weight, bias)
             with torch.enable_grad():
-                h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
-                w = weight.detach().requires_grad_(grad_weight is not None)
-                b = bias.detach().requires_grad_(grad_bias is not None) if bias is not None else None
-                s_logits = _logits(h, w, b)
+                s_logits.requires_grad_(True)
                 m = keep[rows] if keep is not None else None
                 per_position = alpha * spec.fn(s_logits, t_logits, mask=m, reduction="none",
                                                **settings["params"]) if alpha > 0 else 0.0
@@ -58,14 +60,13 @@ class _FusedLinearLoss(torch.autograd.Function):
                     per_position = per_position + (1 - alpha) * cross_entropy(
                         s_logits, labels[rows], mask=m, reduction="none")
                 chunk_loss = per_position.sum() / denominator
-                inputs = [x for x in (h, w, b) if x is not None and x.requires_grad]
-                grads = iter(torch.autograd.grad(chunk_loss, inputs)) if inputs else iter(())
+                (grad_logits,) = torch.autograd.grad(chunk_loss, s_logits)
             if grad_hidden is not None:
-                grad_hidden[rows] = next(grads)
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += next(grads)
+                grad_weight.addmm_(grad_logits.t().to(acc), hidden[rows].to(acc))
             if grad_bias is not None:
-                grad_bias += next(grads)
+                grad_bias += grad_logits.sum(0).to(acc)
             total += chunk_loss.detach()
         ctx.grads = (grad_hidden,
                      grad_weight.to(weight.dtype) if grad_weight is not None else None,
@@ -74,7 +75,10 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        scaled = tuple(g * grad_output.to(g.dtype) if g is not None else None for g in ctx.grads)
+        if grad_output.item() == 1.0:  # the common case: no copy of the head-sized gradient
+            scaled = ctx.grads
+        else:
+            scaled = tuple(g * grad_output.to(g.dtype) if g is not None else None for g in ctx.grads)
         return (*scaled, None, None, None, None)
 
 
@@ -112,13 +116,14 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None = None
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if alpha < 1 and labels is None:
         raise ValueError("alpha < 1 mixes in hard-label cross-entropy: labels are needed")
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
+    if alpha > 0 and (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
         raise ValueError("give either teacher_logits, or teacher_hidden with teacher_weight")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"hidden width {hidden.shape[-1]} does not match the head weight {tuple(weight.shape)}")
-    teacher_vocab = teacher_logits.shape[-1] if teacher_logits is not None else teacher_weight.shape[0]
+    teacher_vocab = (teacher_logits.shape[-1] if teacher_logits is not None
+                     else teacher_weight.shape[0] if teacher_weight is not None else weight.shape[0])
     if teacher_vocab != weight.shape[0]:
         raise ValueError(
             f"{loss}: student vocabulary size {weight.shape[0]} differs from the teacher's {teacher_vocab}; "
