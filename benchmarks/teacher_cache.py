@@ -31,6 +31,7 @@ from potstill.config import TrainSpec, load_recipe
 from potstill.engine import Engine, make_loader
 from potstill.losses import get_loss, sparse_loss, top_k
 from potstill.models import count_parameters
+from potstill.students import make_student
 from potstill.tasks import TASKS
 from potstill.teachers import CachedTeacher, IndexedDataset, indexed_collate, write_cache
 
@@ -83,26 +84,28 @@ def smollm2_topk_error(blocks: int, block: int) -> dict:
     gguf = next(folder.rglob("*.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     teacher = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    student.model.layers = torch.nn.ModuleList(list(student.model.layers)[::2])  # every other layer
-    for i, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = i
-    student.config.num_hidden_layers = len(student.model.layers)
     ids = tokenizer(WIKITEXT.read_text()[:200_000])["input_ids"][: blocks * block]
     inputs = torch.tensor(ids).view(blocks, block)
-    with torch.no_grad():
-        t_logits = torch.cat([teacher(input_ids=inputs[i : i + 4]).logits for i in range(0, blocks, 4)])
-        s_logits = torch.cat([student(input_ids=inputs[i : i + 4]).logits for i in range(0, blocks, 4)])
+
+    def logits(model) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(input_ids=inputs[i : i + 4]).logits for i in range(0, blocks, 4)])
+
+    t_logits = logits(teacher)
+    # two students cut from the teacher, untrained: far from it (every other layer) and close (last layer dropped)
+    students = {"every other layer (15 of 30)": "every-other", "last layer dropped (29 of 30)": list(range(29))}
     rows = []
-    for loss, params in (("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5})):
-        exact = get_loss(loss).fn(s_logits, t_logits, **params).item()
-        for k in (8, 32, 128):
-            target = top_k(t_logits, k)
-            for leftover in ("bucket", "renormalize"):
-                value = sparse_loss(s_logits, target, loss=loss, leftover=leftover, **params).item()
-                rows.append({"loss": loss, "k": k, "leftover": leftover, "exact": exact, "sparse": value,
-                             "relative_error": (value - exact) / exact})
-        print(json.dumps(rows[-1]), flush=True)
+    for student_name, layers in students.items():
+        s_logits = logits(make_student(teacher, layers))
+        for loss, params in (("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5})):
+            exact = get_loss(loss).fn(s_logits, t_logits, **params).item()
+            for k in (8, 32, 128):
+                target = top_k(t_logits, k)
+                for leftover in ("bucket", "renormalize"):
+                    value = sparse_loss(s_logits, target, loss=loss, leftover=leftover, **params).item()
+                    rows.append({"student": student_name, "loss": loss, "k": k, "leftover": leftover,
+                                 "exact": exact, "sparse": value, "relative_error": (value - exact) / exact})
+            print(json.dumps(rows[-1]), flush=True)
     mass = {k: torch.logsumexp(top_k(t_logits, k).logprobs, -1).exp().mean().item() for k in (8, 32, 128)}
     return {"positions": blocks * block, "vocab_size": t_logits.shape[-1], "teacher_topk_mass": mass, "rows": rows}
 
@@ -129,9 +132,10 @@ def main() -> None:
     print(f"| cached (top-64, bf16) | {t['cached_tokens_per_second']:.0f} | {t['cached_over_live']:.2f}× |")
     print(f"cache: {t['cache_bytes_per_position']:.0f} bytes per position, written in {t['cache_write_seconds']:.1f} s")
     if "topk_error" in result:
-        print("\n| loss | k | leftover | relative error |\n|---|---|---|---|")
+        print("\n| student | loss (exact) | k | leftover | relative error |\n|---|---|---|---|---|")
         for row in result["topk_error"]["rows"]:
-            print(f"| {row['loss']} | {row['k']} | {row['leftover']} | {row['relative_error']:+.2%} |")
+            print(f"| {row['student']} | {row['loss']} ({row['exact']:.3f}) | {row['k']} | {row['leftover']} "
+                  f"| {row['relative_error']:+.2%} |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,18 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_student(args: argparse.Namespace) -> int:
+    from .models import count_parameters
+    from .students import init_student
+
+    layers: str | dict[str, str] = args.layers
+    if args.stack:
+        layers = {args.stack: args.layers}
+    student = init_student(args.teacher, args.out, layers, trust_remote_code=args.trust_remote_code)
+    print(f"student with {count_parameters(student):,} parameters saved to {args.out}")
+    return 0
+
+
 def _recipes(_: argparse.Namespace) -> int:
     from .recipes import builtin_recipes, describe
 
@@ -64,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cache_teacher)
 
+    p = sub.add_parser("init-student", help="cut a student from a Hugging Face teacher by keeping some layers")
+    p.add_argument("--teacher", required=True, help="teacher folder or hub name")
+    p.add_argument("--layers", required=True,
+                   help="layers to keep: a list such as 0,2,4 (negative counts from the end), every-other, first-last")
+    p.add_argument("--stack", help="only cut this layer stack (e.g. decoder for Whisper); default: every stack")
+    p.add_argument("--out", required=True, help="folder for the student")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the teacher")
+    p.set_defaults(func=_init_student)
+
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_recipes)
 
@@ -77,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, CacheMismatch, FileNotFoundError) as exc:
+    except (RecipeError, CacheMismatch, FileNotFoundError, ValueError) as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

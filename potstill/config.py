@@ -39,9 +39,9 @@ class TrainSpec(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    #: compute LM logits chunk by chunk inside the loss (losses.fused): "auto" = for Hugging Face
-    #: LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
-    fused_loss: Literal["auto", "on", "off"] = "auto"
+    #: compute LM logits chunk by chunk inside the loss (losses.fused): true / false, or "auto" =
+    #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
+    fused_loss: Literal["auto"] | bool = "auto"
     #: save a checkpoint every N optimiser steps (0: only at the end of each epoch)
     checkpoint_every: int = Field(0, ge=0)
     seed: int = 0
@@ -56,6 +56,15 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
 
 
+class FeatureTermSpec(_Section):
+    """Match an intermediate layer of the student to one of the teacher's (module paths)."""
+
+    student: str
+    teacher: str
+    loss: Literal["mse", "cosine", "attention"] = "mse"
+    weight: float = Field(1.0, ge=0)
+
+
 class DistillationSpec(_Section):
     """Hinton's mix: ``alpha · loss(student, teacher; temperature) + (1 − alpha) · CE(labels)``."""
 
@@ -64,6 +73,8 @@ class DistillationSpec(_Section):
     alpha: float = Field(0.9, ge=0, le=1)
     #: extra parameters of the loss, e.g. ``{beta: 0.5}`` for ``jsd``
     params: dict[str, Any] = Field(default_factory=dict)
+    #: intermediate-layer terms; a learned projection is added when the widths differ
+    features: list[FeatureTermSpec] = Field(default_factory=list)
 
     @field_validator("loss")
     @classmethod

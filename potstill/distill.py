@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .config import CacheSpec, Recipe, RecipeError, TrainSpec, dump_recipe
 from .engine import Engine, make_loader
 from .io import atomic_path, write_json, write_text
 from .models import load_model, save_model
-from .objective import Objective
+from .objective import Objective, Term
 from .tasks import TASKS, Task
 from .teachers import CachedTeacher, CacheInfo, IndexedDataset, indexed_collate, write_cache
 
@@ -109,8 +110,8 @@ class Run:
         spec = self.recipe.teacher
         if spec.model_name_or_path:
             return self.task.build_model(spec)
-        return self.stage("teacher", self.build(spec, spec.train.seed), Objective.supervised(), spec.train,
-                          self.task.train_set, collate=self.task.training_collate(spec))
+        return self.stage("teacher", spec, Objective.supervised(), spec.train, self.task.train_set,
+                          collate=self.task.training_collate(spec))
 
     def cache(self, teacher: nn.Module, spec: CacheSpec) -> CacheInfo:
         """Write (or finish, or check) the teacher cache over the transfer set."""
@@ -123,7 +124,7 @@ class Run:
                                f"{info.bytes_per_position:.0f} bytes per position (top-{spec.top_k}, {spec.dtype})")
         return info
 
-    def write_log(self, current: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+    def write_log(self, current: Sequence[dict[str, Any]] = ()) -> None:
         if not self.accelerator.is_main_process:
             return
         rows = self.history + list(current)
@@ -134,14 +135,16 @@ class Run:
         writer.writerows(rows)
         write_text(self.run_dir / "log.csv", buffer.getvalue())
 
-    def stage(self, name: str, build: nn.Module, objective: Objective, spec: TrainSpec,
-              dataset: Any, teacher: nn.Module | None = None, collate: Any = None) -> nn.Module:
-        """Train (or resume, or load if finished) one model and save it under ``run_dir/name``."""
+    def stage(self, name: str, model_spec: Any, objective: Objective, spec: TrainSpec, dataset: Any,
+              teacher: nn.Module | CachedTeacher | None = None, collate: Any = None) -> nn.Module:
+        """Train (or resume, or load if finished) one model of ``model_spec`` and save it under ``run_dir/name``."""
         folder = self.run_dir / name
         if (folder / HISTORY).is_file():
             self.history += json.loads((folder / HISTORY).read_text())
             self.accelerator.print(f"[{name}] already trained: loading {folder}")
             return load_model(folder)
+        set_seed(spec.seed)  # the scratch and the distilled student start from the same weights
+        build = self.task.build_model(model_spec)
         loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed)
         engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
                         progress=self.progress, evaluate=self.task.evaluate,
@@ -159,10 +162,6 @@ class Run:
         self.write_log()
         return result.model
 
-    def build(self, spec: Any, seed: int) -> nn.Module:
-        set_seed(seed)
-        return self.task.build_model(spec)
-
 
 def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: bool = False,
             progress: bool = True) -> RunResult:
@@ -172,19 +171,18 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
     teacher = run.teacher()
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
-        models["scratch"] = run.stage("scratch", run.build(r.student, r.train.seed),
-                                      Objective.supervised(), r.train, task.transfer_set)
+        models["scratch"] = run.stage("scratch", r.student, Objective.supervised(), r.train, task.transfer_set)
+    features = [Term(f.loss, f.weight, student=f.student, teacher=f.teacher) for f in r.distillation.features]
     objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature, r.distillation.loss,
                                  sparse_leftover=r.teacher_cache.leftover if r.teacher_cache else "bucket",
-                                 **r.distillation.params)
+                                 features=features, **r.distillation.params)
     if r.teacher_cache:
         cached = CachedTeacher(run.cache(teacher, r.teacher_cache).folder)
-        models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective, r.train,
-                                      IndexedDataset(task.transfer_set), teacher=cached,
-                                      collate=indexed_collate(task.collate))
+        models["student"] = run.stage("student", r.student, objective, r.train, IndexedDataset(task.transfer_set),
+                                      teacher=cached, collate=indexed_collate(task.collate))
     else:
-        models["student"] = run.stage("student", run.build(r.student, r.train.seed), objective,
-                                      r.train, task.transfer_set, teacher=teacher)
+        models["student"] = run.stage("student", r.student, objective, r.train, task.transfer_set,
+                                      teacher=teacher)
 
     metrics = task.compare(models)
     metrics["distillation"] = r.distillation.model_dump()

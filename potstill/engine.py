@@ -143,6 +143,8 @@ class Engine:
         acc, spec = self.accelerator, self.spec
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"stage {self.stage!r}: the objective compares with a teacher, but none was given")
+        if objective.feature_terms and isinstance(teacher, nn.Module):
+            self._prepare_projections(student, objective, teacher, loader)
         trainable = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
         if not trainable:
             raise ValueError(f"stage {self.stage!r}: the student has no trainable parameters")
@@ -157,7 +159,7 @@ class Engine:
         if isinstance(teacher, nn.Module):
             teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
 
-        self.fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, teacher)
+        self.fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, objective, teacher)
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
         checkpoints = list_checkpoints(self.checkpoint_dir)
         if checkpoints:
@@ -229,15 +231,26 @@ class Engine:
                 checkpoint(epoch + 1, 0)
         return FitResult(acc.unwrap_model(student), history)
 
-    def _fuse(self, student: nn.Module, teacher: nn.Module | CachedTeacher | None) -> bool:
+    @staticmethod
+    def _prepare_projections(student: nn.Module, objective: Objective, teacher: nn.Module,
+                             loader: DataLoader) -> None:
+        """One batch through both models to size the feature projections (a bad module path fails here)."""
+        batch = next(iter(loader))
+        with torch.random.fork_rng(), torch.no_grad():  # leaves the RNG as it was: resume stays exact
+            s = forward_signals(student, batch.student_inputs, objective.student_signals)
+            t = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+        objective.prepare(s, t)
+
+    def _fuse(self, student: nn.Module, objective: Objective, teacher: nn.Module | CachedTeacher | None) -> bool:
         """Whether to hand the loss the student's head inputs instead of its logits (see TrainSpec.fused_loss)."""
         mode = self.spec.fused_loss
         head = output_head(student)
-        if mode == "off" or (mode == "auto" and (head is None or head.out_features < FUSE_FROM_VOCAB
-                                                  or isinstance(teacher, CachedTeacher))):
+        if mode is False or (mode == "auto" and (head is None or head.out_features < FUSE_FROM_VOCAB
+                                                  or isinstance(teacher, CachedTeacher)
+                                                  or objective.feature_terms)):
             return False
         if head is None or isinstance(teacher, CachedTeacher):
-            raise ValueError(f"[{self.stage}] fused_loss: on needs a Hugging Face LM student trained in one process "
+            raise ValueError(f"[{self.stage}] fused_loss: true needs a Hugging Face LM student trained in one process "
                              "from a live teacher")
         return True
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .losses import SparseTarget, check_params, get_loss, sparse_loss
+from .losses import Projection, SparseTarget, check_params, get_loss, sparse_loss
 from .losses.fused import fused_linear_loss
 from .signals import LOGITS, HeadInputs
 
@@ -67,16 +67,38 @@ class Objective(nn.Module):
         self.sparse_leftover = sparse_leftover
         if not self.terms:
             raise ValueError("an objective needs at least one term with a positive weight")
+        #: learned maps from the student's width to the teacher's, keyed by term index (see prepare);
+        #: trained with the student, saved in checkpoints, not part of the exported student
+        self.projections = nn.ModuleDict()
+
+    @property
+    def feature_terms(self) -> list[tuple[int, Term]]:
+        """Terms comparing intermediate features (a projection may be needed when widths differ)."""
+        return [(i, t) for i, t in enumerate(self.terms) if t.uses_teacher and t.student != LOGITS]
+
+    def prepare(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
+        """Create a :class:`Projection` for each feature term whose widths differ.
+
+        Call once with one batch's signals, before the optimiser is built (the engine does).
+        """
+        for i, term in self.feature_terms:
+            d_s, d_t = student[term.student].shape[-1], teacher[term.teacher].shape[-1]
+            if d_s != d_t and term.loss != "attention" and str(i) not in self.projections:
+                self.projections[str(i)] = Projection(d_s, d_t)
 
     @classmethod
     def hinton(cls, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kl",
-               sparse_leftover: str = "bucket", **params: Any) -> Objective:
-        """``α · loss(student, teacher; T) + (1 − α) · CE(labels)``; ``α = 0`` is plain training."""
+               sparse_leftover: str = "bucket", features: Sequence[Term] = (), **params: Any) -> Objective:
+        """``α · loss(student, teacher; T) + (1 − α) · CE(labels)``, plus any feature terms.
+
+        ``α = 0`` without features is plain training.
+        """
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if get_loss(loss).uses_temperature:
             params = {"temperature": temperature, **params}
-        return cls([Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha)], sparse_leftover)
+        terms = [Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha), *features]
+        return cls(terms, sparse_leftover)
 
     @classmethod
     def supervised(cls) -> Objective:
@@ -104,7 +126,7 @@ class Objective(nn.Module):
             return self._fused(student[LOGITS], teacher, labels, mask, reduction)
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
-        for term in self.terms:
+        for index, term in enumerate(self.terms):
             spec = get_loss(term.loss)
             if spec.target == "labels":
                 if labels is None:
@@ -114,14 +136,16 @@ class Objective(nn.Module):
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")
                 target = teacher[term.teacher]
-                position_labels = labels if _per_position(labels, student[term.student]) else None
+                signal = student[term.student]
+                if str(index) in self.projections:
+                    signal = self.projections[str(index)](signal)
+                position_labels = labels if _per_position(labels, signal) else None
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
-                    value = sparse_loss(student[term.student], target, loss=term.loss, mask=mask,
-                                        labels=position_labels, leftover=self.sparse_leftover,
-                                        reduction=reduction, **term.params)
+                    value = sparse_loss(signal, target, loss=term.loss, mask=mask, labels=position_labels,
+                                        leftover=self.sparse_leftover, reduction=reduction, **term.params)
                 else:
-                    value = spec.fn(student[term.student], target, mask=mask, labels=position_labels,
-                                    reduction=reduction, **term.params)
+                    value = spec.fn(signal, target, mask=mask, labels=position_labels, reduction=reduction,
+                                    **term.params)
             parts[term.label] = value.detach()
             total = term.weight * value if total is None else total + term.weight * value
         assert total is not None

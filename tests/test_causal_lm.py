@@ -24,8 +24,8 @@ def test_token_byte_lengths_add_up_to_the_text_bytes():
 def test_fused_head_training_follows_the_plain_one(tmp_path):
     base = [*TINY_LM, "train.epochs=2", "train.learning_rate=1e-2", "distillation.alpha=0.6",
             "distillation.temperature=2.0"]
-    plain = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=off"]), tmp_path / "plain", progress=False)
-    fused = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=on"]), tmp_path / "fused", progress=False)
+    plain = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=false"]), tmp_path / "plain", progress=False)
+    fused = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=true"]), tmp_path / "fused", progress=False)
     a, b = plain.metrics["models"]["student"], fused.metrics["models"]["student"]
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert b["kl_to_teacher"] == pytest.approx(a["kl_to_teacher"], rel=1e-3)

@@ -39,7 +39,7 @@ def _mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
         raise ValueError(f"mixture weight must be in [0, 1], got {weight_p!r}")
     log_w = math.log(weight_p) if weight_p > 0 else -math.inf
     log_1mw = math.log1p(-weight_p) if weight_p < 1 else -math.inf
-    return torch.logsumexp(torch.stack([log_p + log_w, log_q + log_1mw]), dim=0)
+    return torch.logaddexp(log_p + log_w, log_q + log_1mw)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
