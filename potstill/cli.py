@@ -10,12 +10,15 @@ from .teachers import CacheMismatch
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from .config import load_recipe
     from .distill import distill
 
     recipe = load_recipe(args.recipe, args.set)
     result = distill(recipe, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"\n{result.table()}\n\nrun directory: {result.run_dir}")
+    if PartialState().is_main_process:  # under accelerate launch / torchrun, print once
+        print(f"\n{result.table()}\n\nrun directory: {result.run_dir}")
     return 0
 
 

@@ -39,6 +39,11 @@ class TrainSpec(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
     #: compute LM logits chunk by chunk inside the loss (losses.fused): true / false, or "auto" =
     #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
     fused_loss: Literal["auto"] | bool = "auto"

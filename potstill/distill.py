@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,7 +71,10 @@ def _accelerator(recipe: Recipe) -> Accelerator:
     precision = recipe.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision)
+    # several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate's gloo DDP
+    # needs to be told it is on CPU, or each process would train alone
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=precision, cpu=multi_cpu)
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> None:

@@ -154,8 +154,11 @@ class Engine:
         optimizer = make_optimizer(spec, trainable)
         scheduler = make_scheduler(spec, optimizer, total_steps)
         sampler = loader.sampler
-        student, objective, optimizer, loader, scheduler = acc.prepare(
-            student, objective, optimizer, loader, scheduler)
+        # the objective is not wrapped for DDP (it usually has no parameters); its projections'
+        # gradients are averaged across processes by hand before each step
+        objective = objective.to(acc.device)
+        objective_parameters = [p for p in objective.parameters() if p.requires_grad]
+        student, optimizer, loader, scheduler = acc.prepare(student, optimizer, loader, scheduler)
         if isinstance(teacher, nn.Module):
             teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
 
@@ -165,7 +168,7 @@ class Engine:
         if checkpoints:
             state = load_checkpoint(checkpoints[-1], model=acc.unwrap_model(student),
                                     optimizer=optimizer, scheduler=scheduler,
-                                    extra=acc.unwrap_model(objective))
+                                    extra=objective)
             acc.print(f"[{self.stage}] resumed from {checkpoints[-1]} "
                       f"(epoch {state['epoch'] + 1}, step {state['step']})")
         history: list[dict[str, Any]] = state["history"]
@@ -175,7 +178,7 @@ class Engine:
             if acc.is_main_process:
                 save_checkpoint(self.checkpoint_dir, state["step"], model=acc.unwrap_model(student),
                                 optimizer=optimizer, scheduler=scheduler, state=state,
-                                extra=acc.unwrap_model(objective))
+                                extra=objective)
                 if self.on_checkpoint:
                     self.on_checkpoint(history)
             acc.wait_for_everyone()
@@ -199,6 +202,10 @@ class Engine:
                     bar.update(1)
                     if (index + 1) % accum and index + 1 != len(loader):
                         continue
+                    if acc.num_processes > 1:
+                        for p in objective_parameters:
+                            if p.grad is not None:
+                                p.grad = acc.reduce(p.grad, reduction="mean")
                     if spec.max_grad_norm:
                         acc.clip_grad_norm_(trainable, spec.max_grad_norm)
                     optimizer.step()
@@ -206,12 +213,17 @@ class Engine:
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
                     if state["step"] % self.log_every == 0:
+                        # averaged over processes: the curve of the global batch, the same in every process
                         row = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                               "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0]}
-                        row.update({k: v.item() for k, v in out.parts.items()})
+                               "loss": acc.reduce(out.loss.detach(), "mean").item(),
+                               "lr": scheduler.get_last_lr()[0]}
+                        row.update({k: acc.reduce(v, "mean").item() for k, v in out.parts.items()})
                         history.append(row)
                         bar.set_postfix(loss=f"{out.loss.item():.4f}")
                     stop = stop_requested.is_set()
+                    if acc.num_processes > 1:  # a signal to any process stops all of them after the same step
+                        flag = torch.tensor(float(stop), device=acc.device)
+                        stop = acc.reduce(flag, reduction="sum").item() > 0
                     if stop or (spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0
                                 and index + 1 != len(loader)):
                         state["running"] = (running, seen)
