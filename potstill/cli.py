@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, CacheMismatch, FileNotFoundError, ValueError) as exc:
+    except (RecipeError, CacheMismatch, OSError, ValueError) as exc:
         print(f"potstill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

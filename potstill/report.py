@@ -46,13 +46,15 @@ def write_report(run_dir: str | Path) -> Path:
     for stage, (steps, losses) in curves.items():
         ax.plot(steps, losses, label=stage)
     ax.set(title="training loss", xlabel="optimiser step", ylabel="loss", yscale="log")
-    ax.legend()
+    if curves:
+        ax.legend()
 
     ax = axes[1]
     for stage, (epochs, acc) in evals.items():
         ax.plot(epochs, acc, marker="o", label=stage)
     ax.set(title=f"{eval_key or 'eval'} per epoch", xlabel="epoch", ylabel=eval_key or "")
-    ax.legend()
+    if evals:
+        ax.legend()
 
     ax = axes[2]
     names = list(metrics["models"])
