@@ -69,6 +69,9 @@ def write_report(run_dir: str | Path) -> Path:
             ax.annotate(f"{y:.3f}", (x, y), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
     ax.set(title="teacher vs students (eval set)")
+    shown = [v for key in headline for n in names if (v := metrics["models"][n].get(key)) is not None]
+    if shown and 0 <= min(shown) and max(shown) <= 1:  # fractions: zoom in on the differences
+        ax.set_ylim(max(0.0, min(shown) - 0.05), 1.0)
     ax.legend(loc="lower right")
 
     ax = axes[3]
