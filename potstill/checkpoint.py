@@ -4,7 +4,9 @@ A checkpoint is a folder ``step-NNNNNNNN`` holding the student's weights (safete
 optimiser, scheduler and RNG states (``torch.save`` of plain tensors and numbers, read back
 with ``weights_only=True``) and ``trainer_state.json`` (epoch, position in the epoch, history).
 It is written to a temporary folder and renamed into place, so a folder with the final name is
-always complete; leftovers of a torn write are ignored and cleaned up.
+always complete; leftovers of a torn write are ignored and cleaned up. Each checkpoint records
+the sha256 of its files, and a checkpoint whose files changed afterwards (a disk error, a copy cut
+short) is skipped in favour of the previous one.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_path, write_json
+from .io import atomic_path, file_sha256, write_json
 
 STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -67,6 +70,7 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, optimizer: tor
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        write_json(tmp / CHECKSUMS, {f.name: file_sha256(f) for f in sorted(tmp.iterdir())})
         write_json(tmp / STATE, state)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -76,6 +80,25 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, optimizer: tor
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share memory (tied weights)
     return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def is_intact(path: Path) -> bool:
+    """Every file the checkpoint recorded is there with the bytes it had when written."""
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+        return all(file_sha256(path / name) == digest for name, digest in expected.items())
+    except (OSError, ValueError):
+        return False
+
+
+def latest_intact(folder: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint that passes :func:`is_intact`, and the newer ones that did not."""
+    skipped = []
+    for path in reversed(list_checkpoints(folder)):
+        if is_intact(path):
+            return path, skipped
+        skipped.append(path)
+    return None, skipped
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from .config import TrainSpec
 from .objective import Objective
 from .signals import forward_signals, output_head, teacher_signals
@@ -164,13 +164,13 @@ class Engine:
 
         self.fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, objective, teacher)
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
-        checkpoints = list_checkpoints(self.checkpoint_dir)
-        if checkpoints:
-            state = load_checkpoint(checkpoints[-1], model=acc.unwrap_model(student),
-                                    optimizer=optimizer, scheduler=scheduler,
-                                    extra=objective)
-            acc.print(f"[{self.stage}] resumed from {checkpoints[-1]} "
-                      f"(epoch {state['epoch'] + 1}, step {state['step']})")
+        latest, damaged = latest_intact(self.checkpoint_dir)
+        for path in damaged:
+            acc.print(f"[{self.stage}] checkpoint {path} is damaged (checksum mismatch): skipped")
+        if latest is not None:
+            state = load_checkpoint(latest, model=acc.unwrap_model(student), optimizer=optimizer,
+                                    scheduler=scheduler, extra=objective)
+            acc.print(f"[{self.stage}] resumed from {latest} (epoch {state['epoch'] + 1}, step {state['step']})")
         history: list[dict[str, Any]] = state["history"]
 
         def checkpoint(epoch: int, batch: int) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .io import atomic_path, write_json
+from .io import atomic_path, file_sha256, write_json
 from .losses.sparse import SparseTarget, top_k
 from .signals import LOGITS, teacher_signals
 from .tasks.base import Batch
@@ -64,14 +64,6 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 def model_fingerprint(model: nn.Module) -> str:
     state = model.state_dict()
     return _hash_tensors(state[k] for k in sorted(state))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

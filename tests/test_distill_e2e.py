@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from potstill.cli import main
@@ -95,3 +96,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides, s
     assert (run_dir / "student" / "model.safetensors").is_file()
     assert (run_dir / "report.png").is_file()
     assert not checkpoints.exists()  # cleaned up once the stage finished
+    if sig == signal.SIGKILL:  # on CPU, the resumed run ends with the uninterrupted run's weights
+        whole = tmp_path / "uninterrupted"
+        args[args.index(str(run_dir))] = str(whole)
+        assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+        resumed, reference = (load_file(d / "student" / "model.safetensors") for d in (run_dir, whole))
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference)

@@ -91,3 +91,18 @@ def test_nan_in_teacher_outputs_stops_with_the_batch_index(tmp_path):
     spec = TrainSpec(epochs=1, batch_size=8, mixed_precision="no")
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch 0: teacher signal 'logits' contains NaN"):
         fit(tmp_path, spec, teacher=Broken(), objective=Objective.hinton(alpha=0.5))
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    spec = TrainSpec(epochs=3, batch_size=8, learning_rate=1e-2, checkpoint_every=2, mixed_precision="no")
+    reference = fit(tmp_path / "a", spec)
+    with pytest.raises(Crash):
+        fit(tmp_path / "b", spec, crash_after=17)
+    newest = sorted((tmp_path / "b").glob("step-*"))[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # a few bytes rotted
+    resumed = fit(tmp_path / "b", spec)
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} is damaged" in out and "resumed from" in out
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)

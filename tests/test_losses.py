@@ -226,3 +226,13 @@ def test_registry_names_and_parameters():
         L.get_loss("jds")
     with pytest.raises(ValueError, match="no parameter 'beta'"):
         L.check_params("kl", {"beta": 0.5})
+
+
+def test_module_wrapper_is_the_function():
+    s, t, y = logits(4, 6, seed=33), logits(4, 6, seed=34), torch.tensor([0, 1, -100, 5])
+    module = L.DistillationLoss("jsd", beta=0.2, temperature=3.0)
+    torch.testing.assert_close(module(s, t, labels=y), L.jsd(s, t, beta=0.2, temperature=3.0, labels=y))
+    torch.testing.assert_close(L.DistillationLoss("cross_entropy")(s, y), L.cross_entropy(s, y))
+    assert "beta=0.2" in repr(module)
+    with pytest.raises(ValueError, match="no parameter"):
+        L.DistillationLoss("kl", beta=0.5)

@@ -73,3 +73,18 @@ def test_loss_is_the_objective_over_shifted_labels(tmp_path):
         s, t = student(input_ids=inputs["input_ids"]).logits, teacher(input_ids=inputs["input_ids"]).logits
     expected = kl_divergence(s[:, :-1], t[:, :-1], temperature=2.0, labels=inputs["labels"][:, 1:])
     torch.testing.assert_close(loss, expected)
+
+
+def test_labels_and_teacher_columns_survive_remove_unused_columns(tmp_path):
+    seen: list[set[str]] = []
+
+    class Recording(DistillationTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(set(inputs))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             remove_unused_columns=True)
+    Recording(model=tiny_lm(1, 1), teacher_model=tiny_lm(2, 2), args=args, train_dataset=dataset()).train()
+    assert seen and {"input_ids", "labels", "teacher_input_ids"} <= seen[0] and "unused" not in seen[0]

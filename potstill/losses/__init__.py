@@ -18,7 +18,7 @@ from .divergences import (
     total_variation,
 )
 from .features import Projection, attention_map, attention_transfer, cosine_loss
-from .registry import LOSSES, LossSpec, check_params, get_loss
+from .registry import LOSSES, DistillationLoss, LossSpec, check_params, get_loss
 from .sparse import SparseTarget, sparse_loss, top_k
 from .uld import uld
 
@@ -26,6 +26,7 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
     "REDUCTIONS",
+    "DistillationLoss",
     "LossSpec",
     "Projection",
     "Reduction",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import divergences as d
 from .features import attention_transfer, cosine_loss
@@ -77,3 +77,26 @@ def check_params(name: str, params: dict[str, Any]) -> None:
                 f"loss {name!r} has no parameter {key!r}; its parameters: "
                 f"{', '.join(allowed) or '(none)'}"
             )
+
+
+class DistillationLoss(nn.Module):
+    """A registered loss as an ``nn.Module``: ``DistillationLoss("jsd", beta=0.5, temperature=2.0)``.
+
+    ``forward(student, target, mask=None, labels=None)``: ``target`` is the teacher's tensor, or
+    the labels for ``cross_entropy``.
+    """
+
+    def __init__(self, name: str, reduction: str = "mean", **params: Any):
+        super().__init__()
+        check_params(name, params)
+        self.name, self.reduction, self.params = name, reduction, params
+        self.spec = get_loss(name)
+
+    def forward(self, student: Tensor, target: Tensor, mask: Tensor | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        if self.spec.target == "labels":
+            return self.spec.fn(student, target, mask=mask, reduction=self.reduction, **self.params)
+        return self.spec.fn(student, target, mask=mask, labels=labels, reduction=self.reduction, **self.params)
+
+    def extra_repr(self) -> str:
+        return ", ".join([repr(self.name), *(f"{k}={v!r}" for k, v in self.params.items())])
