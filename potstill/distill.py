@@ -146,7 +146,7 @@ class Run:
         if (folder / HISTORY).is_file():
             self.history += json.loads((folder / HISTORY).read_text())
             self.accelerator.print(f"[{name}] already trained: loading {folder}")
-            return load_model(folder)
+            return self.task.load_model(folder) if hasattr(self.task, "load_model") else load_model(folder)
         set_seed(spec.seed)  # the scratch and the distilled student start from the same weights
         build = self.task.build_model(model_spec)
         loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed)

@@ -131,7 +131,8 @@ class Objective(nn.Module):
             if spec.target == "labels":
                 if labels is None:
                     raise ValueError(f"term {term.loss!r} needs labels but the batch has none")
-                value = spec.fn(student[term.student], labels, mask=mask, reduction=reduction, **term.params)
+                value = spec.fn(student[term.student], labels, mask=_fits(mask, student[term.student]),
+                                reduction=reduction, **term.params)
             else:
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")
@@ -140,11 +141,12 @@ class Objective(nn.Module):
                 if str(index) in self.projections:
                     signal = self.projections[str(index)](signal)
                 position_labels = labels if _per_position(labels, signal) else None
+                term_mask = _fits(mask, signal)
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
-                    value = sparse_loss(signal, target, loss=term.loss, mask=mask, labels=position_labels,
+                    value = sparse_loss(signal, target, loss=term.loss, mask=term_mask, labels=position_labels,
                                         leftover=self.sparse_leftover, reduction=reduction, **term.params)
                 else:
-                    value = spec.fn(signal, target, mask=mask, labels=position_labels, reduction=reduction,
+                    value = spec.fn(signal, target, mask=term_mask, labels=position_labels, reduction=reduction,
                                     **term.params)
             parts[term.label] = value.detach()
             total = term.weight * value if total is None else total + term.weight * value
@@ -179,6 +181,11 @@ def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
         raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
                          "this objective has other terms: turn fused_loss off")
     return (soft[0] if soft else None), (hard[0] if hard else None)
+
+
+def _fits(mask: Tensor | None, signal: Tensor) -> Tensor | None:
+    """A position mask applies to the signals laid out per position (hidden states), not to pooled ones."""
+    return mask if mask is not None and mask.shape == signal.shape[:-1] else None
 
 
 def _per_position(labels: Tensor | None, logits: Tensor) -> bool:
