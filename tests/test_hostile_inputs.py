@@ -71,3 +71,16 @@ def test_untrusted_code_stays_off_and_only_safetensors_load(tmp_path):
     with pytest.raises(OSError, match="safetensors"):
         distill(bad, tmp_path / "run2", progress=False)
     assert run.metrics["models"]["student"]["parameters"] > 0
+
+
+def test_blocks_longer_than_the_teachers_context_are_cut_with_a_warning(tmp_path, caplog):
+    from potstill.tasks import TASKS
+
+    recipe = load_recipe("tiny-lm", [*TINY_LM, "data.block_size=16"])
+    distill(recipe, tmp_path / "run", progress=False)  # a teacher whose context is 16 tokens
+    teacher = tmp_path / "run" / "teacher"
+    long = load_recipe("tiny-lm", [*TINY_LM, "data.block_size=64", f"teacher.model_name_or_path={teacher}"])
+    with caplog.at_level("WARNING"):
+        task = TASKS["causal-lm"](long, progress=False)
+    assert "longer than the models' context (16 tokens)" in caplog.text
+    assert task.block_size == 16 and task.train_set[0][0].shape == (16,)

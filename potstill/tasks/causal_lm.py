@@ -136,10 +136,11 @@ class CausalLM:
             self.tokenizer = train_tokenizer(texts, data.tokenizer.vocab_size)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         ids = [i for t in texts for i in self.tokenizer(t)["input_ids"] + eos]
-        inputs, labels = blocks(ids, data.block_size)
+        self.block_size = self._fit_context(data.block_size)
+        inputs, labels = blocks(ids, self.block_size)
         if data.eval_files:
             eval_ids = [i for f in data.eval_files for i in self.tokenizer(read_text(f))["input_ids"] + eos]
-            eval_inputs, eval_labels = blocks(eval_ids, data.block_size)
+            eval_inputs, eval_labels = blocks(eval_ids, self.block_size)
         else:
             n_eval = max(1, round(len(inputs) * data.eval_fraction))
             inputs, eval_inputs = inputs[:-n_eval], inputs[-n_eval:]
@@ -153,6 +154,23 @@ class CausalLM:
         self.train_set = self.transfer_set = TensorDataset(inputs, labels)
         self.eval_set: Dataset = TensorDataset(eval_inputs, eval_labels)
         self.byte_lengths = token_byte_lengths(self.tokenizer)
+
+    def _fit_context(self, block_size: int) -> int:
+        """Blocks longer than a pretrained model's context are cut to it, with a warning."""
+        from transformers import AutoConfig
+
+        limits = []
+        for spec in (self.recipe.teacher, self.recipe.student):
+            if spec.model_name_or_path:
+                config = AutoConfig.from_pretrained(spec.model_name_or_path, trust_remote_code=spec.trust_remote_code)
+                limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+                if limit:
+                    limits.append(int(limit))
+        if limits and block_size > min(limits):
+            log.warning("data.block_size %d is longer than the models' context (%d tokens): sequences are cut to %d",
+                        block_size, min(limits), min(limits))
+            return min(limits)
+        return block_size
 
     @staticmethod
     def collate(examples: list[tuple[Tensor, Tensor]]) -> Batch:
@@ -173,7 +191,7 @@ class CausalLM:
         config = LlamaConfig(
             vocab_size=len(self.tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-            intermediate_size=spec.intermediate_size, max_position_embeddings=self.recipe.data.block_size,
+            intermediate_size=spec.intermediate_size, max_position_embeddings=self.block_size,
             eos_token_id=self.tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None,
             tie_word_embeddings=True,
         )
