@@ -29,8 +29,4 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list
             for c in range(num_classes)]
 
 
-def error_count(logits: Tensor, labels: Tensor) -> int:
-    return int((logits.argmax(-1) != labels).sum().item())
-
-
-__all__ = ["accuracy", "agreement", "error_count", "held_out_kl", "per_class_accuracy"]
+__all__ = ["accuracy", "agreement", "held_out_kl", "per_class_accuracy"]
