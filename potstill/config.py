@@ -8,6 +8,7 @@ value out of range (``temperature: 0``, ``alpha: 1.5``) names the field and the 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .losses import LOSSES, check_params
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false. A bare ``no`` / ``off`` stays a string, so
+    ``mixed_precision: no`` means "no"; pydantic still reads such strings as booleans where a
+    field is a boolean."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 class RecipeError(ValueError):
@@ -39,11 +58,6 @@ class TrainSpec(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML reads a bare `no` as false
     #: compute LM logits chunk by chunk inside the loss (losses.fused): true / false, or "auto" =
     #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
     fused_loss: Literal["auto"] | bool = "auto"
@@ -183,7 +197,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_yaml(raw)
     return data
 
 
@@ -193,7 +207,7 @@ def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recip
 
     path = resolve_recipe_path(source)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     return parse_recipe(apply_overrides(data, overrides or []))

@@ -8,6 +8,8 @@ plus a ``config.json`` naming the architecture; Hugging Face models use their ow
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,20 @@ class MLP(nn.Module):
 
 
 BUILDERS = {"mlp": MLP}
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no gradients inside; each model's training mode restored after."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -177,7 +177,7 @@ def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
     soft = [t for t in terms if t.uses_teacher]
     hard = [t for t in terms if not t.uses_teacher]
     if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS for t in terms) \
-            or (soft and soft[0].loss in ("uld", "cosine", "attention")):
+            or (soft and get_loss(soft[0].loss).kind not in ("divergence", "logits")):
         raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
                          "this objective has other terms: turn fused_loss off")
     return (soft[0] if soft else None), (hard[0] if hard else None)

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from .io import atomic_path
+from .losses import soft_targets
 
 
 def softened(logits: list[float], temperatures: list[float]) -> list[list[float]]:
-    """softmax(logits / T) for each T."""
+    """Hinton's soft targets softmax(logits / T) for each T."""
     z = torch.tensor(logits, dtype=torch.float64)
-    return [torch.softmax(z / t, dim=-1).tolist() for t in temperatures]
+    return [soft_targets(z, t).tolist() for t in temperatures]
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -49,3 +49,9 @@ def test_builtin_recipes_by_name_and_overrides(tmp_path):
         load_recipe("no-such-recipe")
     with pytest.raises(RecipeError, match=r"section\.field=value"):
         load_recipe("mnist", ["train.epochs"])
+
+
+def test_yaml_no_and_off_mean_what_they_say():
+    recipe = load_recipe("mnist", ["train.mixed_precision=no", "train.fused_loss=off", "baseline=no"])
+    assert recipe.train.mixed_precision == "no" and recipe.train.fused_loss is False and recipe.baseline is False
+    assert load_recipe("mnist", ["train.fused_loss=true"]).train.fused_loss is True

@@ -107,7 +107,7 @@ def fused_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None = None
         reduction: ``"mean"`` (per counted position, as the unfused losses) or ``"sum"``.
     """
     spec = get_loss(loss)
-    if spec.target != "teacher" or loss in ("uld", "cosine", "attention"):
+    if spec.kind not in ("divergence", "logits"):
         raise ValueError(f"fused_linear_loss supports the logit distillation losses, not {loss!r}")
     check_params(loss, params)
     if reduction not in REDUCTIONS[:2]:

@@ -20,14 +20,25 @@ from .uld import uld
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: the function and what its second argument is."""
+    """A registered loss: the function and what it compares.
+
+    ``kind``: ``"divergence"`` (two distributions over one vocabulary: the KL family, TV),
+    ``"logits"`` (raw logits of one vocabulary: MSE), ``"cross-vocabulary"`` (ULD),
+    ``"features"`` (hidden states, feature maps) or ``"labels"`` (hard-label CE).
+    """
 
     fn: Callable[..., Tensor]
-    target: Literal["teacher", "labels"] = "teacher"
-    #: whether the loss takes a temperature (the KL family, TV)
-    uses_temperature: bool = True
+    kind: Literal["divergence", "logits", "cross-vocabulary", "features", "labels"]
     #: whether the loss is multiplied by T² (the KL family)
     scaled_by_t2: bool = False
+
+    @property
+    def target(self) -> Literal["teacher", "labels"]:
+        return "labels" if self.kind == "labels" else "teacher"
+
+    @property
+    def uses_temperature(self) -> bool:
+        return self.kind in ("divergence", "cross-vocabulary")
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -41,18 +52,18 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {
-    "kl": LossSpec(d.kl_divergence, scaled_by_t2=True),
-    "reverse_kl": LossSpec(d.reverse_kl, scaled_by_t2=True),
-    "jsd": LossSpec(d.jsd, scaled_by_t2=True),
-    "skew_kl": LossSpec(d.skew_kl, scaled_by_t2=True),
-    "skew_reverse_kl": LossSpec(d.skew_reverse_kl, scaled_by_t2=True),
-    "tvd": LossSpec(d.total_variation),
-    "soft_cross_entropy": LossSpec(d.soft_cross_entropy, scaled_by_t2=True),
-    "mse": LossSpec(d.logit_mse, uses_temperature=False),
-    "cross_entropy": LossSpec(d.cross_entropy, target="labels", uses_temperature=False),
-    "uld": LossSpec(uld),
-    "cosine": LossSpec(cosine_loss, uses_temperature=False),
-    "attention": LossSpec(attention_transfer, uses_temperature=False),
+    "kl": LossSpec(d.kl_divergence, "divergence", scaled_by_t2=True),
+    "reverse_kl": LossSpec(d.reverse_kl, "divergence", scaled_by_t2=True),
+    "jsd": LossSpec(d.jsd, "divergence", scaled_by_t2=True),
+    "skew_kl": LossSpec(d.skew_kl, "divergence", scaled_by_t2=True),
+    "skew_reverse_kl": LossSpec(d.skew_reverse_kl, "divergence", scaled_by_t2=True),
+    "tvd": LossSpec(d.total_variation, "divergence"),
+    "soft_cross_entropy": LossSpec(d.soft_cross_entropy, "divergence", scaled_by_t2=True),
+    "mse": LossSpec(d.logit_mse, "logits"),
+    "cross_entropy": LossSpec(d.cross_entropy, "labels"),
+    "uld": LossSpec(uld, "cross-vocabulary"),
+    "cosine": LossSpec(cosine_loss, "features"),
+    "attention": LossSpec(attention_transfer, "features"),
 }
 
 

@@ -67,7 +67,7 @@ def sparse_loss(student_logits: Tensor, target: SparseTarget, *, loss: str = "kl
     scaled by T² as in the dense losses.
     """
     spec = get_loss(loss)
-    if spec.target != "teacher" or loss in ("uld", "cosine", "attention", "mse"):
+    if spec.kind != "divergence":
         raise ValueError(f"a sparse teacher supports the divergences on distributions, not {loss!r}")
     if target.ids.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"cached teacher positions {tuple(target.ids.shape[:-1])} do not match the student's "

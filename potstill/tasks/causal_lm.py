@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelSpec, Recipe, TrainSpec, _Section
 from ..losses import IGNORE_INDEX, kl_divergence
-from ..models import count_parameters
+from ..models import count_parameters, evaluating
 from .base import Batch
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,14 @@ class CausalLM:
         """Save the tokenizer beside a model, so the folder loads with plain from_pretrained."""
         self.tokenizer.save_pretrained(folder)
 
-    @torch.no_grad()
     def _scores(self, models: dict[str, nn.Module], batch_size: int = 16) -> dict[str, dict[str, float]]:
         """Held-out nats, bytes, and (vs the teacher, if present) agreement and KL for each model."""
+        with evaluating(*models.values()):
+            totals = self._totals(models, batch_size)
+        return self._summarise(totals, "teacher" in models)
+
+    def _totals(self, models: dict[str, nn.Module], batch_size: int) -> dict[str, dict[str, float]]:
         totals = {name: {"nats": 0.0, "bytes": 0.0, "tokens": 0, "agree": 0, "kl": 0.0} for name in models}
-        modes = {name: m.training for name, m in models.items()}
-        for m in models.values():
-            m.eval()
         size = len(self.eval_set)  # type: ignore[arg-type]
         for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
             batch = self.collate([self.eval_set[i] for i in range(start, min(start + batch_size, size))])
@@ -226,12 +227,14 @@ class CausalLM:
                 if "teacher" in logits and name != "teacher":
                     t["agree"] += (value.argmax(-1) == logits["teacher"].argmax(-1)).sum().item()
                     t["kl"] += kl_divergence(value, logits["teacher"], reduction="sum").item()
-        for name, m in models.items():
-            m.train(modes[name])
+        return totals
+
+    @staticmethod
+    def _summarise(totals: dict[str, dict[str, float]], has_teacher: bool) -> dict[str, dict[str, float]]:
         scores = {}
         for name, t in totals.items():
             entry = {"eval_loss": t["nats"] / t["tokens"], "bits_per_byte": t["nats"] / math.log(2) / t["bytes"]}
-            if name != "teacher" and "teacher" in models:
+            if name != "teacher" and has_teacher:
                 entry["agreement"] = t["agree"] / t["tokens"]
                 entry["kl_to_teacher"] = t["kl"] / t["tokens"]
             scores[name] = entry

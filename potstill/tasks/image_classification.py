@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..config import ModelSpec, Recipe, TrainSpec, _Section
 from ..data.mnist import load_mnist
 from ..metrics import accuracy, agreement, held_out_kl, per_class_accuracy
-from ..models import MLP, count_parameters, load_model
+from ..models import MLP, count_parameters, evaluating, load_model
 from .base import Batch
 
 NUM_CLASSES = 10
@@ -126,19 +126,16 @@ class ImageClassification:
         return MLP(IMAGE_SIZE, NUM_CLASSES, spec.hidden_sizes, dropout=spec.dropout,
                    input_dropout=spec.input_dropout)
 
-    @torch.no_grad()
     def predict(self, model: nn.Module, dataset: Dataset | None = None, batch_size: int = 1000) -> Tensor:
         """Logits of ``model`` on ``dataset`` (default: the eval set), in eval mode, on CPU."""
         dataset = self.eval_set if dataset is None else dataset
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         outputs = []
         size = len(dataset)  # type: ignore[arg-type]
-        for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
-            batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, size))])
-            outputs.append(model(batch.student_inputs.to(device)).float().cpu())
-        model.train(was_training)
+        with evaluating(model):
+            for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
+                batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, size))])
+                outputs.append(model(batch.student_inputs.to(device)).float().cpu())
         return torch.cat(outputs)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

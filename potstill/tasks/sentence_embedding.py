@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
-from ..models import count_parameters
+from ..models import count_parameters, evaluating
 from ..students import make_student
 from .base import Batch
 from .causal_lm import read_text
@@ -169,19 +169,17 @@ class SentenceEmbedding:
     def save_extras(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(folder)
 
-    @torch.no_grad()
     def embed(self, model: nn.Module, sentences: list[str], batch_size: int = 64) -> tuple[Tensor, float]:
         """Embeddings of ``sentences`` and the forward speed in sentences/s (tokenisation excluded)."""
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         batches = [self.collate(sentences[i : i + batch_size]).student_inputs
                    for i in range(0, len(sentences), batch_size)]
-        start, outputs = time.perf_counter(), []
-        for inputs in batches:
-            outputs.append(model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
-        seconds = time.perf_counter() - start
-        model.train(was_training)
+        outputs = []
+        with evaluating(model):
+            start = time.perf_counter()
+            for inputs in batches:
+                outputs.append(model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
+            seconds = time.perf_counter() - start
         return torch.cat(outputs), len(sentences) / seconds
 
     def teacher_embeddings(self) -> Tensor:
