@@ -23,12 +23,15 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from .config import load_recipe
     from .distill import cache_teacher
 
     info = cache_teacher(load_recipe(args.recipe, args.set), args.output_dir, progress=not args.no_progress)
-    print(f"teacher cache: {info.folder} ({info.manifest['positions']:,} positions, "
-          f"{info.bytes_per_position:.0f} bytes each)")
+    if PartialState().is_main_process:  # each process wrote its share of the shards; print once
+        print(f"teacher cache: {info.folder} ({info.manifest['positions']:,} positions, "
+              f"{info.bytes_per_position:.0f} bytes each)")
     return 0
 
 

@@ -120,10 +120,12 @@ class Run:
     def cache(self, teacher: nn.Module, spec: CacheSpec) -> CacheInfo:
         """Write (or finish, or check) the teacher cache over the transfer set."""
         folder = Path(spec.path) if spec.path else self.run_dir / "teacher-cache"
-        info = write_cache(folder, teacher, self.task.transfer_set, self.task.collate, top_k_size=spec.top_k,
-                           temperature=self.recipe.distillation.temperature, dtype=spec.dtype,
-                           shard_size=spec.shard_size, progress=self.progress,
-                           identity={"teacher_name": self.recipe.teacher.model_name_or_path or "trained"})
+        # every process writes its share of the shards, each on its own device
+        info = write_cache(folder, teacher.to(self.accelerator.device), self.task.transfer_set, self.task.collate,
+                           top_k_size=spec.top_k, temperature=self.recipe.distillation.temperature,
+                           dtype=spec.dtype, shard_size=spec.shard_size, progress=self.progress,
+                           identity={"teacher_name": self.recipe.teacher.model_name_or_path or "trained"},
+                           processes=self.accelerator)
         self.accelerator.print(f"[cache] {folder}: {info.manifest['positions']:,} positions, "
                                f"{info.bytes_per_position:.0f} bytes per position (top-{spec.top_k}, {spec.dtype})")
         return info

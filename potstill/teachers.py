@@ -6,16 +6,19 @@ safetensors shards of ``shard_size`` examples, with a ``manifest.json`` that rec
 cache was made from (data and teacher fingerprints, k, temperature, dtype) and each finished
 shard's sha256. Writing resumes after a kill: finished shards are kept, a shard whose checksum
 does not match is rewritten, and a manifest made from other data or another teacher is refused.
+Under ``accelerate launch`` / ``torchrun`` the processes split the shards between them and the
+cache is the same, byte for byte, as one written by a single process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +32,8 @@ from .signals import LOGITS, teacher_signals
 from .tasks.base import Batch
 
 MANIFEST = "manifest.json"
+#: one record per shard finished since the manifest was last written (folded in at the end)
+PROGRESS = ".progress"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -41,7 +46,7 @@ def _hash_tensors(tensors: Iterable[Tensor]) -> str:
     for tensor in tensors:
         t = tensor.detach().cpu().contiguous()
         digest.update(str((t.dtype, tuple(t.shape))).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 
@@ -76,19 +81,65 @@ class CacheInfo:
         return self.manifest["bytes"] / max(self.manifest["positions"], 1)
 
 
+class Processes(Protocol):
+    """What the cache writer needs to know about the processes it runs in (an ``accelerate.Accelerator`` fits)."""
+
+    @property
+    def process_index(self) -> int: ...
+
+    @property
+    def num_processes(self) -> int: ...
+
+    @property
+    def is_main_process(self) -> bool: ...
+
+    def wait_for_everyone(self) -> None: ...
+
+
+class _OneProcess:
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _record_progress(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fold the shard records of an earlier (killed) run into ``manifest``; totals recomputed; main process only."""
+    progress = folder / PROGRESS
+    if progress.is_dir():
+        for record in sorted(progress.glob("*.json")):
+            manifest["shards"][record.stem] = json.loads(record.read_text())
+    manifest["shards"] = dict(sorted(manifest["shards"].items()))
+    manifest["positions"] = sum(s["positions"] for s in manifest["shards"].values())
+    manifest["bytes"] = sum(s["bytes"] for s in manifest["shards"].values())
+    return manifest
+
+
 def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collate: Callable[[list[Any]], Batch], *,
                 top_k_size: int, temperature: float, dtype: str = "bfloat16", shard_size: int = 256,
-                identity: dict[str, Any] | None = None, progress: bool = True) -> CacheInfo:
-    """Run ``teacher`` once over ``dataset`` and store its top-k; resumes a partial cache."""
+                identity: dict[str, Any] | None = None, progress: bool = True,
+                processes: Processes | None = None) -> CacheInfo:
+    """Run ``teacher`` once over ``dataset`` and store its top-k; resumes a partial cache.
+
+    With ``processes`` (the run's ``Accelerator``) of N processes, process r writes shards
+    r, r + N, r + 2N, …; each finished shard is recorded in ``.progress/`` (so a kill loses at most
+    the shards in flight), and after all processes finish the main process folds the records into
+    ``manifest.json``. The files are the same, byte for byte, whatever N is.
+    """
+    procs: Processes = processes or _OneProcess()
     folder = Path(folder)
     expected = {
         "data": dataset_fingerprint(dataset), "teacher": model_fingerprint(teacher), "examples": len(dataset),  # type: ignore[arg-type]
         "top_k": top_k_size, "temperature": temperature, "dtype": dtype, "shard_size": shard_size,
         **(identity or {}),
     }
-    manifest = {"identity": expected, "shards": {}, "positions": 0, "bytes": 0}
-    if (folder / MANIFEST).is_file():
-        found = json.loads((folder / MANIFEST).read_text())
+    manifest: dict[str, Any] = {"identity": expected, "shards": {}, "positions": 0, "bytes": 0}
+    found = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    if found is not None:
         changed = sorted(k for k in set(expected) | set(found["identity"])
                          if expected.get(k) != found["identity"].get(k))
         if changed:
@@ -97,13 +148,22 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
                 "delete it (or use another cache path) to write a new one"
             )
         manifest = found
-    folder.mkdir(parents=True, exist_ok=True)
+    procs.wait_for_everyone()  # every process has read the manifest before the main process rewrites it
+    if procs.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if found is None:  # shard records without a manifest (made from who knows what) are not trusted
+            shutil.rmtree(folder / PROGRESS, ignore_errors=True)
+        # the identity goes to disk before any shard, so a killed run's shards are never reused for other data
+        write_json(folder / MANIFEST, _record_progress(folder, manifest))
+        shutil.rmtree(folder / PROGRESS, ignore_errors=True)
+    procs.wait_for_everyone()
+    manifest = json.loads((folder / MANIFEST).read_text())
     teacher.eval()
     device = next(teacher.parameters()).device
     n = len(dataset)  # type: ignore[arg-type]
-    starts = range(0, n, shard_size)
-    for index, start in enumerate(tqdm(starts, desc="caching teacher", disable=not progress)):
-        name = f"shard-{index:05d}.safetensors"
+    mine = range(-(-n // shard_size))[procs.process_index::procs.num_processes]
+    for index in tqdm(mine, desc="caching teacher", disable=not (progress and procs.is_main_process)):
+        name, start = _shard_name(index), index * shard_size
         path = folder / name
         if name in manifest["shards"] and path.is_file() and file_sha256(path) == manifest["shards"][name]["sha256"]:
             continue  # finished earlier
@@ -120,18 +180,16 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
         }
         with atomic_path(path) as tmp:
             save_file(tensors, tmp)
-        old = manifest["shards"].get(name)
-        if old:  # a torn or changed shard rewritten: do not count it twice
-            manifest["positions"] -= old["positions"]
-            manifest["bytes"] -= old["bytes"]
-        positions = tensors["rest"].numel()
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        manifest["shards"][name] = {"start": start, "stop": stop, "sha256": file_sha256(path),
-                                    "positions": positions, "bytes": size}
-        manifest["positions"] += positions
-        manifest["bytes"] += size
-        write_json(folder / MANIFEST, manifest)
-    return CacheInfo(folder, manifest)
+        write_json(folder / PROGRESS / f"{name}.json", {
+            "start": start, "stop": stop, "sha256": file_sha256(path), "positions": tensors["rest"].numel(),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        })
+    procs.wait_for_everyone()
+    if procs.is_main_process:
+        write_json(folder / MANIFEST, _record_progress(folder, manifest))
+        shutil.rmtree(folder / PROGRESS, ignore_errors=True)
+    procs.wait_for_everyone()
+    return CacheInfo(folder, json.loads((folder / MANIFEST).read_text()))
 
 
 class CachedTeacher:
@@ -152,7 +210,7 @@ class CachedTeacher:
 
     def _shard(self, index: int) -> dict[str, Tensor]:
         if index not in self._shards:
-            self._shards[index] = load_file(self.folder / f"shard-{index:05d}.safetensors")
+            self._shards[index] = load_file(self.folder / _shard_name(index))
         return self._shards[index]
 
     def lookup(self, indices: Tensor) -> SparseTarget:

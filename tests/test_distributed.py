@@ -1,9 +1,10 @@
-"""Two CPU processes (gloo DDP through accelerate launch) follow the one-process loss curve."""
+"""Two CPU processes (gloo through accelerate launch) follow the one-process loss curve and write its teacher cache."""
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,20 +19,26 @@ OVERRIDES = [
 ]
 
 
-def run(tmp_path, processes: int, per_process_batch: int) -> list[dict[str, str]]:
-    out = tmp_path / f"p{processes}"
-    args = ["distill", "mnist", "--output-dir", str(out), "--no-progress",
-            *[a for o in [*OVERRIDES, f"train.batch_size={per_process_batch}",
-                          f"teacher.train.batch_size={per_process_batch}"] for a in ("--set", o)]]
+def potstill(processes: int, args: list[str], port: int = 29533) -> subprocess.CompletedProcess:
+    """``potstill ARGS`` in one process, or under ``accelerate launch`` in several (gloo on CPU)."""
     if processes == 1:
         cmd = [sys.executable, "-m", "potstill", *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29533", "-m", "potstill", *args]
+               "--main_process_port", str(port), "-m", "potstill", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def run(tmp_path, processes: int, per_process_batch: int) -> list[dict[str, str]]:
+    out = tmp_path / f"p{processes}"
+    args = ["distill", "mnist", "--output-dir", str(out), "--no-progress",
+            *[a for o in [*OVERRIDES, f"train.batch_size={per_process_batch}",
+                          f"teacher.train.batch_size={per_process_batch}"] for a in ("--set", o)]]
+    done = potstill(processes, args)
     assert done.stdout.count("run directory:") == 1  # printed by the main process only
     return list(csv.DictReader((out / "log.csv").open()))
 
@@ -48,3 +55,33 @@ def test_two_processes_follow_the_one_process_curve(tmp_path):
     for (stage_a, step_a, loss_a), (stage_b, step_b, loss_b) in zip(a, b, strict=True):
         assert (stage_a, step_a) == (stage_b, step_b)
         assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_one_process_teacher_cache_and_resume_it(tmp_path):
+    overrides = ["data.train_limit=1000", "teacher.hidden_sizes=[32]", "teacher.train.epochs=1",
+                 "teacher_cache={top_k: 4, shard_size: 200}"]  # 5 shards: 0, 2, 4 for process 0; 1, 3 for process 1
+    cache = lambda out, processes: potstill(processes, ["cache-teacher", "mnist", "--output-dir", str(out),  # noqa: E731
+                                                        "--no-progress", *[a for o in overrides for a in ("--set", o)]],
+                                            port=29534)
+    one, two = tmp_path / "one", tmp_path / "two"
+    cache(one, 1)  # trains the teacher and writes the reference cache
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("teacher-cache"))  # the same trained teacher
+    done = cache(two, 2)
+    assert done.stdout.count("teacher cache:") == 1  # printed by the main process only
+
+    def files(out):
+        return {p.name: p.read_bytes() for p in (out / "teacher-cache").iterdir()}
+
+    reference = files(one)
+    assert sorted(reference) == ["manifest.json", *(f"shard-0000{i}.safetensors" for i in range(5))]
+    assert files(two) == reference  # manifest and shards byte for byte
+    # a torn shard of each process and a lost one: rewritten by two processes, the rest kept
+    folder = two / "teacher-cache"
+    for name in ("shard-00000.safetensors", "shard-00003.safetensors"):
+        (folder / name).write_bytes((folder / name).read_bytes()[:100])
+    (folder / "shard-00004.safetensors").unlink()
+    kept = {n: (folder / n).stat().st_mtime_ns for n in ("shard-00001.safetensors", "shard-00002.safetensors")}
+    cache(two, 2)
+    assert files(two) == reference
+    assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept

@@ -80,3 +80,42 @@ def test_training_from_a_full_cache_follows_the_live_teacher(tmp_path):
     a, b = live.metrics["models"]["student"], cached.metrics["models"]["student"]
     assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     assert b["kl_to_teacher"] == pytest.approx(a["kl_to_teacher"], rel=1e-3)
+
+
+class Rank:
+    """One process of several, as the cache writer sees it; no real barrier (the test runs the ranks in turn)."""
+
+    def __init__(self, index: int, count: int):
+        self.process_index, self.num_processes, self.is_main_process = index, count, index == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_processes_split_the_shards_and_a_killed_split_run_is_finished_by_one_process(tmp_path):
+    from potstill.models import MLP
+    from potstill.tasks import ImageClassification
+    from tests.test_engine import data
+
+    torch.manual_seed(0)
+    teacher, dataset = MLP(12, 3, [16]), data(90)
+    write = lambda folder, processes=None: write_cache(  # noqa: E731
+        folder, teacher, dataset, ImageClassification.collate, top_k_size=2, temperature=2.0, dtype="float32",
+        shard_size=20, progress=False, processes=processes)
+    one = tmp_path / "one"
+    write(one)
+    split = tmp_path / "split"
+    write(split, Rank(0, 2))  # the main process: shards 0, 2, 4, folded into the manifest
+    assert sorted(p.name for p in split.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in (0, 2, 4)]
+    write(split, Rank(1, 2))  # the other process: shards 1, 3, recorded, then killed before the manifest
+    assert sorted(p.name for p in split.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(5)]
+    assert len(json.loads((split / "manifest.json").read_text())["shards"]) == 3
+    with pytest.raises(CacheMismatch, match="incomplete"):
+        CachedTeacher(split)
+    written = {p.name: p.stat().st_mtime_ns for p in split.glob("shard-*")}
+    write(split)  # one process finishes it: the recorded shards are kept, nothing is recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in split.glob("shard-*")} == written
+    assert sorted(p.name for p in split.iterdir()) == sorted(p.name for p in one.iterdir())  # no .progress left
+    for path in one.iterdir():
+        assert (split / path.name).read_bytes() == path.read_bytes(), path.name
+    assert CachedTeacher(split).lookup(torch.tensor([0, 89])).ids.shape == (2, 2)
