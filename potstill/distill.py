@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,11 @@ def _accelerator(recipe: Recipe) -> Accelerator:
     # several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate's gloo DDP
     # needs to be told it is on CPU, or each process would train alone
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate (1.15) turns an FSDP config into FSDP only on GPUs and other accelerators; on CPU
+        # processes it silently runs DDP (docs/scaling.md): say so, rather than let "FSDP" mislead
+        warnings.warn("accelerate runs FSDP on GPUs (or other accelerators) only: these CPU processes train with "
+                      "DDP, each holding the whole student and teacher", stacklevel=2)
     return Accelerator(mixed_precision=precision, cpu=multi_cpu)
 
 

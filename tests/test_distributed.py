@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -19,12 +20,13 @@ OVERRIDES = [
 ]
 
 
-def potstill(processes: int, args: list[str], port: int = 29533) -> subprocess.CompletedProcess:
+def potstill(processes: int, args: list[str], port: int = 29533, config_file=None) -> subprocess.CompletedProcess:
     """``potstill ARGS`` in one process, or under ``accelerate launch`` in several (gloo on CPU)."""
     if processes == 1:
         cmd = [sys.executable, "-m", "potstill", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        launch = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "potstill", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -85,3 +87,35 @@ def test_two_processes_write_the_one_process_teacher_cache_and_resume_it(tmp_pat
     cache(two, 2)
     assert files(two) == reference
     assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept
+
+
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: NO_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+@pytest.mark.slow
+def test_an_fsdp_config_on_cpu_processes_says_it_trains_with_ddp(tmp_path):
+    """accelerate (1.15) makes FSDP only on accelerators; on CPUs the run is DDP, and potstill says so."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    overrides = ["data.train_limit=640", "teacher.hidden_sizes=[16]", "teacher.train.epochs=1",
+                 "student.hidden_sizes=[8]", "train.epochs=1", "train.batch_size=64", "baseline=false",
+                 "train.mixed_precision=no", "teacher.train.mixed_precision=no"]
+    done = potstill(2, ["distill", "mnist", "--output-dir", str(tmp_path / "run"), "--no-progress",
+                        *[a for o in overrides for a in ("--set", o)]], port=29535, config_file=config)
+    assert ("accelerate runs FSDP on GPUs (or other accelerators) only: these CPU processes train with DDP"
+            in done.stderr)
+    # both processes trained together: 640 images in global batches of 2 x 64 are 5 optimiser steps
+    history = json.loads((tmp_path / "run" / "student" / "history.json").read_text())
+    assert history[-1]["step"] == 5
