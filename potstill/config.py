@@ -80,7 +80,7 @@ class FeatureTermSpec(_Section):
 
     student: str
     teacher: str
-    loss: Literal["mse", "cosine", "attention"] = "mse"
+    loss: Literal["mse", "cosine", "attention", "attention_kl", "similarity"] = "mse"
     weight: float = Field(1.0, ge=0)
 
 

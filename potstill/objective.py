@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .losses import Projection, SparseTarget, check_params, get_loss, sparse_loss
+from .losses import ChannelProjection, Projection, SparseTarget, check_params, get_loss, sparse_loss
 from .losses.fused import fused_linear_loss
-from .signals import LOGITS, HeadInputs
+from .signals import LOGITS, HeadInputs, attention_signal
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,31 @@ class Objective(nn.Module):
         return [(i, t) for i, t in enumerate(self.terms) if t.uses_teacher and t.student != LOGITS]
 
     def prepare(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
-        """Create a :class:`Projection` for each feature term whose widths differ.
+        """Create a learned projection for each feature term whose widths differ.
 
-        Call once with one batch's signals, before the optimiser is built (the engine does).
+        Features ``[..., D]`` (hidden states ``[B, L, D]``, pooled ``[B, D]``) whose last axis
+        differs get a :class:`Projection`; feature maps ``[B, C, H, W]`` (or ``[B, C, D, H, W]``)
+        whose channel axis differs get a :class:`ChannelProjection` (a 1×1 convolution). Attention
+        maps are never projected: their head counts must match. Call once with one batch's
+        signals, before the optimiser is built (the engine does).
         """
         for i, term in self.feature_terms:
-            d_s, d_t = student[term.student].shape[-1], teacher[term.teacher].shape[-1]
-            if d_s != d_t and term.loss != "attention" and str(i) not in self.projections:
-                self.projections[str(i)] = Projection(d_s, d_t)
+            s, t = student[term.student], teacher[term.teacher]
+            if attention_signal(term.student) or attention_signal(term.teacher):
+                if s.dim() == 4 and t.dim() == 4 and s.shape[1] != t.shape[1]:
+                    raise ValueError(f"term {term.label}: student attention maps {term.student!r} have "
+                                     f"{s.shape[1]} heads, teacher {term.teacher!r} {t.shape[1]}; attention "
+                                     "maps are compared head by head: pair layers with equal head counts")
+                continue
+            if str(i) in self.projections or not get_loss(term.loss).projectable or s.shape == t.shape:
+                continue
+            differ = [axis for axis in range(1, min(s.dim(), t.dim())) if s.shape[axis] != t.shape[axis]]
+            if s.dim() != t.dim() or not differ:
+                continue  # the loss names the mismatch
+            if differ == [s.dim() - 1]:
+                self.projections[str(i)] = Projection(s.shape[-1], t.shape[-1])
+            elif differ == [1] and s.dim() in (4, 5):
+                self.projections[str(i)] = ChannelProjection(s.shape[1], t.shape[1], spatial_dims=s.dim() - 2)
 
     @classmethod
     def hinton(cls, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kl",
@@ -141,7 +158,7 @@ class Objective(nn.Module):
                 if str(index) in self.projections:
                     signal = self.projections[str(index)](signal)
                 position_labels = labels if _per_position(labels, signal) else None
-                term_mask = _fits(mask, signal)
+                term_mask = mask if spec.kind == "attention-maps" else _fits(mask, signal)
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
                     value = sparse_loss(signal, target, loss=term.loss, mask=term_mask, labels=position_labels,
                                         leftover=self.sparse_leftover, reduction=reduction, **term.params)

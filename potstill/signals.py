@@ -1,13 +1,17 @@
 """What a forward pass exposes: logits, and activations of named modules (via forward hooks).
 
-A *signal* is a tensor named by a string: ``"logits"`` is the model's output logits; any other
-name is the dotted path of a submodule (``"encoder.layer.3.output"``, ``"layers.2"``) whose
-output is captured with a forward hook for the duration of one forward pass.
+A *signal* is a tensor named by a string: ``"logits"`` is the model's output logits;
+``"attentions.3"`` is layer 3's attention probabilities ``[B, heads, q, k]`` from a Hugging Face
+model run with ``output_attentions=True`` (``encoder_attentions.N``, ``decoder_attentions.N``,
+``cross_attentions.N`` for encoder-decoders); any other name is the dotted path of a submodule
+(``"encoder.layer.3.output"``, ``"layers.2"``) whose output is captured with a forward hook for the
+duration of one forward pass.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -70,6 +74,72 @@ def capture(model: nn.Module, paths: Iterable[str]) -> Iterator[dict[str, Tensor
             handle.remove()
 
 
+_ATTENTIONS = re.compile(r"^(\w*attentions)\.(\d+)$")
+
+
+def attention_signal(name: str) -> tuple[str, int] | None:
+    """``"attentions.3"`` → ``("attentions", 3)``; None for a name that is not an attention map."""
+    match = _ATTENTIONS.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The outermost Hugging Face model in ``model`` (itself, or a wrapped one such as ``SentenceEncoder.model``)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise ValueError(f"attention-map signals need a Hugging Face model; {type(model).__name__} holds none")
+
+
+@contextmanager
+def capture_attentions(model: nn.Module, names: Iterable[str]) -> Iterator[dict[str, Tensor]]:
+    """Capture attention maps named like ``"attentions.3"`` during the forward passes inside.
+
+    The model's Hugging Face core is called with ``output_attentions=True`` (a forward pre-hook
+    adds it) and the requested layers are taken from its output; it must use eager attention
+    (``attn_implementation="eager"``: fused kernels never form the probabilities).
+    """
+    wanted = {name: attention_signal(name) for name in names}
+    captured: dict[str, Tensor] = {}
+    if not wanted:
+        yield captured
+        return
+    core = _transformers_model(model)
+    implementation = getattr(core.config, "_attn_implementation", "eager")
+    if implementation != "eager":
+        raise ValueError(f"attention-map signals ({', '.join(sorted(wanted))}) need eager attention, but "
+                         f"{type(core).__name__} uses {implementation!r}: load it with "
+                         "from_pretrained(..., attn_implementation='eager') or call "
+                         "model.set_attn_implementation('eager')")
+
+    def ask(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "output_attentions": True}
+
+    def take(_module: nn.Module, _args: Any, output: Any) -> None:
+        for name, parsed in wanted.items():
+            assert parsed is not None
+            field, layer = parsed
+            maps = getattr(output, field, None)
+            if not maps:
+                raise ValueError(f"{type(core).__name__} returned no {field!r}; attention-map signals it "
+                                 "can give: " + ", ".join(k for k in ("attentions", "encoder_attentions",
+                                                                      "decoder_attentions", "cross_attentions")
+                                                          if getattr(output, k, None)))
+            if not 0 <= layer < len(maps):
+                raise ValueError(f"signal {name!r}: {type(core).__name__} has {len(maps)} layers of "
+                                 f"{field} (0 to {len(maps) - 1})")
+            captured[name] = maps[layer]
+
+    handles = [core.register_forward_pre_hook(ask, with_kwargs=True), core.register_forward_hook(take)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` on a mapping of keyword inputs (Hugging Face style) or one tensor."""
     if isinstance(inputs, Mapping):
@@ -110,14 +180,29 @@ def forward_signals(model: nn.Module, inputs: Any, names: Iterable[str],
     """
     names = set(names)
     head = output_head(model) if fuse_head else None
-    with capture(model, sorted(names - {LOGITS})) as captured:
+    maps = {n for n in names if attention_signal(n)}
+    if maps:  # a submodule that happens to be called "attentions" keeps its path meaning
+        maps -= set(dict(model.named_modules()))
+    core = model.base_model if head is not None else model
+    with capture(model, sorted(names - maps - {LOGITS})) as captured, capture_attentions(core, maps) as attentions:
         if head is not None:
             base_inputs = inputs if isinstance(inputs, Mapping) else {"input_ids": inputs}
             hidden = model.base_model(**base_inputs).last_hidden_state
         else:
             output = call_model(model, inputs)
-    signals: dict[str, Any] = dict(captured)
-    signals[LOGITS] = HeadInputs(hidden, head.weight, head.bias) if head is not None else logits_of(output)
+    if maps - attentions.keys():
+        raise ValueError(f"{type(model).__name__}: the forward pass never ran a Hugging Face model, so the "
+                         f"attention maps {', '.join(sorted(maps - attentions.keys()))} were not produced")
+    signals: dict[str, Any] = {**captured, **attentions}
+    if head is not None:
+        signals[LOGITS] = HeadInputs(hidden, head.weight, head.bias)
+    elif LOGITS in names:
+        signals[LOGITS] = logits_of(output)
+    else:  # given when the output has them, not required (a bare encoder has only hidden states)
+        try:
+            signals[LOGITS] = logits_of(output)
+        except TypeError:
+            pass
     return signals
 
 

@@ -40,3 +40,19 @@ def test_distilled_minilm_student_beats_the_undistilled_truncation(tmp_path):
     folder = tmp_path / "run" / "student"
     assert AutoModel.from_pretrained(folder).config.num_hidden_layers == 3
     assert AutoTokenizer.from_pretrained(folder)("a fine film")["input_ids"][0] == 101
+
+
+def test_attention_terms_switch_the_encoders_to_eager_attention_and_dropout_can_be_set():
+    from potstill.signals import forward_signals
+    from potstill.tasks.sentence_embedding import SentenceEmbedding
+
+    recipe = load_recipe("minilm-distilbert-style", [
+        "data.eval_size=10", "student.dropout=0.0",
+        "distillation.features=[{student: attentions.1, teacher: attentions.3, loss: attention_kl}]"])
+    task = SentenceEmbedding(recipe, progress=False)
+    student, teacher = task.build_model(recipe.student), task.build_model(recipe.teacher)
+    assert student.model.config._attn_implementation == "eager" == teacher.model.config._attn_implementation
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    batch = task.collate(task.eval_set[:3])
+    maps = forward_signals(student, batch.student_inputs, ["attentions.1"])["attentions.1"]
+    assert maps.shape[:2] == (3, 12) and torch.allclose(maps.sum(-1), torch.ones(maps.shape[:3]))

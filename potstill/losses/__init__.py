@@ -17,7 +17,15 @@ from .divergences import (
     soft_cross_entropy,
     total_variation,
 )
-from .features import Projection, attention_map, attention_transfer, cosine_loss
+from .features import (
+    ChannelProjection,
+    Projection,
+    attention_kl,
+    attention_map,
+    attention_transfer,
+    cosine_loss,
+    similarity_loss,
+)
 from .registry import LOSSES, DistillationLoss, LossSpec, check_params, get_loss
 from .sparse import SparseTarget, sparse_loss, top_k
 from .uld import uld
@@ -26,11 +34,13 @@ __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
     "REDUCTIONS",
+    "ChannelProjection",
     "DistillationLoss",
     "LossSpec",
     "Projection",
     "Reduction",
     "SparseTarget",
+    "attention_kl",
     "attention_map",
     "attention_transfer",
     "check_params",
@@ -44,6 +54,7 @@ __all__ = [
     "reduce",
     "reverse_kl",
     "shared_vocabulary",
+    "similarity_loss",
     "skew_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",

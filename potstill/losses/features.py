@@ -1,9 +1,12 @@
 """Losses on intermediate features: hidden states, feature maps, attention maps.
 
 Inputs are ``[..., D]`` (hidden states: one vector per position) for :func:`cosine_loss` and
-the MSE (:func:`potstill.losses.divergences.logit_mse` serves both logits and features), and
-``[B, C, *spatial]`` for :func:`attention_transfer`. When the student's width differs from the
-teacher's, map the student through a :class:`Projection` first (it is trained with the student).
+the MSE (:func:`potstill.losses.divergences.logit_mse` serves both logits and features),
+``[B, C, *spatial]`` for :func:`attention_transfer`, and transformer attention probabilities
+``[B, heads, q, k]`` for :func:`attention_kl`. When the student's width differs from the
+teacher's, map the student through a :class:`Projection` (last axis) or a
+:class:`ChannelProjection` (1×1 convolution over the channels of a feature map) first; either is
+trained with the student.
 """
 
 from __future__ import annotations
@@ -35,6 +38,31 @@ def cosine_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
     return reduce(1.0 - cos, keep, reduction)
 
 
+def similarity_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
+                    labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Relational: ``(cos(s_i, s_j) − cos(t_i, t_j))²`` over the pairs ``i ≠ j`` of a batch of embeddings.
+
+    ``student`` ``[B, D_s]``, ``teacher`` ``[B, D_t]`` (widths may differ: only the B × B cosine
+    matrices are compared). It asks the student for the teacher's similarity *structure* — what
+    retrieval and the Spearman / neighbour metrics measure — rather than the vectors themselves
+    (in the spirit of Tung & Mori's similarity-preserving KD, 2019, on cosines). ``mask`` ``[B]``:
+    examples left out of every pair. ``"mean"`` averages over the counted pairs; ``"none"`` gives
+    the ``[B, B]`` matrix of squared differences (diagonal 0). ``labels`` are ignored.
+    """
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"similarity: needs embeddings [B, D] for the same B examples, got student "
+                         f"{tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+    s = F.normalize(as_float(student), dim=-1, eps=1e-8)
+    t = F.normalize(as_float(teacher), dim=-1, eps=1e-8)
+    per_pair = (s @ s.T - t @ t.T).pow(2)
+    b = student.shape[0]
+    keep = ~torch.eye(b, dtype=torch.bool, device=student.device)
+    examples = position_mask(student.shape[:1], mask, None, student.device)
+    if examples is not None:
+        keep = keep & examples[:, None] & examples[None, :]
+    return reduce(per_pair, keep, reduction)
+
+
 def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     """Zagoruyko & Komodakis' spatial attention: ``normalize(mean_c |A_c|^p)`` flattened, ``[B, S]``."""
     if features.dim() < 3:
@@ -62,6 +90,80 @@ def attention_transfer(student: Tensor, teacher: Tensor, *, p: float = 2.0,
     return reduce(per_example, keep, reduction)
 
 
+def attention_kl(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
+                 labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """MiniLM's self-attention transfer: ``KL(A_T ‖ A_S)`` over the key axis, one row per (head, query).
+
+    ``student`` / ``teacher``: attention probabilities ``[B, heads, q, k]`` (rows sum to 1; a
+    Hugging Face model's ``attentions``). ``mask``: the attention mask ``[B, k]`` (``q = k``, self-
+    attention): padded queries are left out of the mean and padded keys out of each row's sum.
+    ``"mean"`` averages over heads and valid queries; ``"none"`` gives ``[B, heads, q]``.
+    ``labels`` are accepted for the common signature and ignored (they do not mask attention rows).
+    """
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(f"attention_kl: needs attention maps [B, heads, q, k], got student "
+                         f"{tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"attention_kl: the student has {student.shape[1]} attention heads and the teacher "
+                         f"{teacher.shape[1]}; attention maps are compared head by head, so the counts "
+                         "must match (pair layers with equal head counts)")
+    if student.shape != teacher.shape:
+        raise ValueError(f"attention_kl: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         "attention maps differ in shape")
+    p_s, p_t = as_float(student), as_float(teacher)
+    tiny = torch.finfo(p_s.dtype).tiny
+    # xlogy: a key the teacher ignores (p_T = 0) contributes exactly 0
+    per_key = torch.xlogy(p_t, p_t) - p_t * p_s.clamp_min(tiny).log()
+    keep = None
+    if mask is not None:
+        b, heads, q, k = student.shape
+        if mask.shape != (b, k) or q != k:
+            raise ValueError(f"attention_kl: mask has shape {tuple(mask.shape)}; for self-attention maps "
+                             f"{tuple(student.shape)} it must be the attention mask [B, k] = {(b, k)}")
+        valid = mask.bool().to(student.device)
+        per_key = torch.where(valid[:, None, None, :], per_key, per_key.new_zeros(()))
+        keep = valid[:, None, :].expand(b, heads, q)
+    per_row = per_key.sum(-1)
+    return reduce(per_row, keep, reduction)
+
+
+class ChannelProjection(nn.Module):
+    """A learned 1×1 convolution from the student's channels to the teacher's, for feature maps
+    ``[B, C, *spatial]`` (1, 2 or 3 spatial axes) whose channel counts differ (FitNets' regressor).
+
+    ``init`` as for :class:`Projection`.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, spatial_dims: int = 2,
+                 init: Literal["xavier", "orthogonal", "identity"] = "xavier", bias: bool = True):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}.get(spatial_dims)
+        if conv is None:
+            raise ValueError(f"a 1×1 convolution needs 1, 2 or 3 spatial axes, got {spatial_dims}")
+        self.conv = conv(student_channels, teacher_channels, kernel_size=1, bias=bias)
+        with torch.no_grad():
+            weight = self.conv.weight.view(teacher_channels, student_channels)  # a 1×1 kernel is a matrix
+            _init_matrix(weight, init)
+            if bias:
+                self.conv.bias.zero_()
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.conv(features.to(self.conv.weight.dtype))
+
+
+def _init_matrix(weight: Tensor, init: str) -> None:
+    if init == "xavier":
+        nn.init.xavier_uniform_(weight)
+    elif init == "orthogonal":
+        nn.init.orthogonal_(weight)
+    elif init == "identity":
+        weight.zero_()
+        n = min(weight.shape)
+        weight[:n, :n] = torch.eye(n)
+    else:
+        raise ValueError(f"unknown projection init {init!r}; use xavier, orthogonal or identity")
+
+
 class Projection(nn.Module):
     """A learned linear map from the student's width to the teacher's (FitNets' regressor).
 
@@ -75,16 +177,7 @@ class Projection(nn.Module):
         super().__init__()
         self.linear = nn.Linear(student_dim, teacher_dim, bias=bias)
         with torch.no_grad():
-            if init == "xavier":
-                nn.init.xavier_uniform_(self.linear.weight)
-            elif init == "orthogonal":
-                nn.init.orthogonal_(self.linear.weight)
-            elif init == "identity":
-                self.linear.weight.zero_()
-                n = min(student_dim, teacher_dim)
-                self.linear.weight[:n, :n] = torch.eye(n)
-            else:
-                raise ValueError(f"unknown projection init {init!r}; use xavier, orthogonal or identity")
+            _init_matrix(self.linear.weight, init)
             if bias:
                 self.linear.bias.zero_()
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from . import divergences as d
-from .features import attention_transfer, cosine_loss
+from .features import attention_kl, attention_transfer, cosine_loss, similarity_loss
 from .uld import uld
 
 
@@ -24,13 +24,17 @@ class LossSpec:
 
     ``kind``: ``"divergence"`` (two distributions over one vocabulary: the KL family, TV),
     ``"logits"`` (raw logits of one vocabulary: MSE), ``"cross-vocabulary"`` (ULD),
-    ``"features"`` (hidden states, feature maps) or ``"labels"`` (hard-label CE).
+    ``"features"`` (hidden states, feature maps), ``"attention-maps"`` (attention probabilities
+    ``[B, heads, q, k]``, masked by the ``[B, k]`` attention mask) or ``"labels"`` (hard-label CE).
     """
 
     fn: Callable[..., Tensor]
-    kind: Literal["divergence", "logits", "cross-vocabulary", "features", "labels"]
+    kind: Literal["divergence", "logits", "cross-vocabulary", "features", "attention-maps", "labels"]
     #: whether the loss is multiplied by T² (the KL family)
     scaled_by_t2: bool = False
+    #: whether a feature term with this loss gets a learned projection when the widths differ
+    #: (losses that compare maps whose channel counts may differ, or head by head, do not)
+    projectable: bool = True
 
     @property
     def target(self) -> Literal["teacher", "labels"]:
@@ -63,7 +67,9 @@ LOSSES: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(d.cross_entropy, "labels"),
     "uld": LossSpec(uld, "cross-vocabulary"),
     "cosine": LossSpec(cosine_loss, "features"),
-    "attention": LossSpec(attention_transfer, "features"),
+    "attention": LossSpec(attention_transfer, "features", projectable=False),
+    "attention_kl": LossSpec(attention_kl, "attention-maps", projectable=False),
+    "similarity": LossSpec(similarity_loss, "features", projectable=False),
 }
 
 

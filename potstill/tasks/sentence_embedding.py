@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
 from ..models import count_parameters, evaluating
+from ..signals import attention_signal
 from ..students import make_student
 from .base import Batch
 from .causal_lm import read_text
@@ -54,6 +55,8 @@ class EncoderSpec(ModelSpec):
     layers_from_teacher: str | list[int] | None = None
     #: "teacher": the kept layers keep the teacher's weights; "random": same shape, fresh weights
     init: Literal["teacher", "random"] = "teacher"
+    #: dropout probability of every dropout layer while training (null: the model's own, 0.1 for BERTs)
+    dropout: float | None = Field(None, ge=0, lt=1)
 
 
 class EncoderTeacherSpec(EncoderSpec):
@@ -161,6 +164,16 @@ class SentenceEmbedding:
             model = self._pretrained(spec.model_name_or_path, spec.trust_remote_code)
         else:
             raise ValueError("student: set layers_from_teacher (e.g. every-other) or model_name_or_path")
+        if spec.dropout is not None:
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = spec.dropout
+            for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+                if hasattr(model.config, name):
+                    setattr(model.config, name, spec.dropout)
+        features = self.recipe.distillation.features
+        if any(attention_signal(name) for f in features for name in (f.student, f.teacher)):
+            model.set_attn_implementation("eager")  # attention maps as signals: fused kernels never form them
         return SentenceEncoder(model)
 
     def load_model(self, folder: Path) -> nn.Module:
