@@ -148,7 +148,8 @@ class Run:
         write_text(self.run_dir / "log.csv", buffer.getvalue())
 
     def stage(self, name: str, model_spec: Any, objective: Objective, spec: TrainSpec, dataset: Any,
-              teacher: nn.Module | CachedTeacher | None = None, collate: Any = None) -> nn.Module:
+              teacher: nn.Module | CachedTeacher | None = None, collate: Any = None,
+              rollout: Any = None) -> nn.Module:
         """Train (or resume, or load if finished) one model of ``model_spec`` and save it under ``run_dir/name``."""
         folder = self.run_dir / name
         if (folder / HISTORY).is_file():
@@ -160,7 +161,7 @@ class Run:
         loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed)
         engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
                         progress=self.progress, evaluate=self.task.evaluate,
-                        on_checkpoint=self.write_log)
+                        on_checkpoint=self.write_log, rollout=rollout)
         result = engine.fit(build, objective, loader, teacher=teacher)
         if self.accelerator.is_main_process:
             with atomic_path(folder) as tmp:
@@ -187,14 +188,19 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
     features = [Term(f.loss, f.weight, student=f.student, teacher=f.teacher) for f in r.distillation.features]
     objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature, r.distillation.loss,
                                  sparse_leftover=r.teacher_cache.leftover if r.teacher_cache else "bucket",
-                                 features=features, **r.distillation.params)
+                                 features=features, vocab_size=getattr(task, "shared_vocab_size", None),
+                                 **r.distillation.params)
+    # optional task hooks: the examples to distil on (e.g. the teacher's own generations), and an
+    # on-policy rollout that lets the student write a batch's completions
+    dataset = task.distillation_set(teacher, run.run_dir) if hasattr(task, "distillation_set") else task.transfer_set
+    rollout = task.rollout(r.train.seed) if hasattr(task, "rollout") else None
     if r.teacher_cache:
         cached = CachedTeacher(run.cache(teacher, r.teacher_cache).folder)
-        models["student"] = run.stage("student", r.student, objective, r.train, IndexedDataset(task.transfer_set),
+        models["student"] = run.stage("student", r.student, objective, r.train, IndexedDataset(dataset),
                                       teacher=cached, collate=indexed_collate(task.collate))
     else:
-        models["student"] = run.stage("student", r.student, objective, r.train, task.transfer_set,
-                                      teacher=teacher)
+        models["student"] = run.stage("student", r.student, objective, r.train, dataset,
+                                      teacher=teacher, rollout=rollout)
 
     metrics = task.compare(models)
     metrics["distillation"] = r.distillation.model_dump()

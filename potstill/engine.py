@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,10 +134,15 @@ class Engine:
     def __init__(self, accelerator: Accelerator, spec: TrainSpec, checkpoint_dir: Path, *,
                  stage: str = "train", log_every: int = 10, progress: bool = True,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-                 on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None):
+                 on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
+                 rollout: Callable[[nn.Module, Any, int], Any] | None = None):
         self.accelerator, self.spec, self.checkpoint_dir = accelerator, spec, Path(checkpoint_dir)
         self.stage, self.log_every, self.progress = stage, log_every, progress
         self.evaluate, self.on_checkpoint = evaluate, on_checkpoint
+        #: ``rollout(student, batch, key) -> batch`` may replace a batch's completions with the
+        #: student's own generations (on-policy distillation); ``key`` numbers the batch, so a
+        #: resumed run draws the same
+        self.rollout = rollout
 
     def fit(self, student: nn.Module, objective: Objective, loader: DataLoader,
             teacher: nn.Module | CachedTeacher | None = None) -> FitResult:
@@ -192,10 +198,13 @@ class Engine:
                     if hasattr(epoch_aware, "set_epoch"):
                         epoch_aware.set_epoch(epoch)
                 student.train()
+                started = time.perf_counter()
                 running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
                 bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
                            disable=not (self.progress and acc.is_local_main_process), leave=False)
                 for index, batch in enumerate(batches, start=skip):
+                    if self.rollout is not None:
+                        batch = self.rollout(acc.unwrap_model(student), batch, epoch * len(loader) + index)
                     out = self._loss(student, objective, teacher, batch, f"epoch {epoch + 1}, batch {index}")
                     acc.backward(out.loss / accum)
                     running, seen = running + out.loss.item(), seen + 1
@@ -233,7 +242,7 @@ class Engine:
                                           "checkpoint written: rerun the same command to resume")
                 bar.close()
                 summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                           "train_loss": running / max(seen, 1)}
+                           "train_loss": running / max(seen, 1), "seconds": time.perf_counter() - started}
                 if self.evaluate:
                     summary.update(self.evaluate(acc.unwrap_model(student)))
                 history.append(summary)
@@ -259,7 +268,7 @@ class Engine:
         head = output_head(student)
         if mode is False or (mode == "auto" and (head is None or head.out_features < FUSE_FROM_VOCAB
                                                   or isinstance(teacher, CachedTeacher)
-                                                  or objective.feature_terms)):
+                                                  or not objective.fusable)):
             return False
         if head is None or isinstance(teacher, CachedTeacher):
             raise ValueError(f"[{self.stage}] fused_loss: true needs a Hugging Face LM student trained in one process "
@@ -280,7 +289,7 @@ class Engine:
                     raise FloatingPointError(f"[{self.stage}] {where}: {exc}; stopping rather than "
                                              "training on it") from None
             signals = forward_signals(student, batch.student_inputs, objective.student_signals, fuse_head=self.fuse)
-            return objective(signals, targets, labels=batch.labels, mask=batch.mask)
+            return objective(signals, targets, labels=batch.labels, mask=batch.mask, alignment=batch.alignment)
 
 
 def _fmt(value: Any) -> str:

@@ -58,8 +58,12 @@ class ObjectiveOutput(NamedTuple):
 class Objective(nn.Module):
     """A weighted sum of :class:`Term` s. Terms with weight 0 are dropped."""
 
-    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket", chunk_size: int = 1024):
+    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket", chunk_size: int = 1024,
+                 vocab_size: int | None = None):
         super().__init__()
+        #: logit terms compare only the first ``vocab_size`` entries: teacher and student heads
+        #: that differ only by padding rows (49,152 vs 49,280) share this range
+        self.vocab_size = vocab_size
         #: tokens per chunk when the student hands over its head inputs (see HeadInputs)
         self.chunk_size = chunk_size
         self.terms = tuple(t for t in terms if t.weight > 0)
@@ -105,7 +109,8 @@ class Objective(nn.Module):
 
     @classmethod
     def hinton(cls, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kl",
-               sparse_leftover: str = "bucket", features: Sequence[Term] = (), **params: Any) -> Objective:
+               sparse_leftover: str = "bucket", features: Sequence[Term] = (), vocab_size: int | None = None,
+               **params: Any) -> Objective:
         """``α · loss(student, teacher; T) + (1 − α) · CE(labels)``, plus any feature terms.
 
         ``α = 0`` without features is plain training.
@@ -115,12 +120,21 @@ class Objective(nn.Module):
         if get_loss(loss).uses_temperature:
             params = {"temperature": temperature, **params}
         terms = [Term(loss, alpha, params=params), Term("cross_entropy", 1.0 - alpha), *features]
-        return cls(terms, sparse_leftover)
+        return cls(terms, sparse_leftover, vocab_size=vocab_size)
 
     @classmethod
     def supervised(cls) -> Objective:
         """Hard-label cross-entropy only: a teacher trained from data, or a scratch baseline."""
         return cls([Term("cross_entropy")])
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused head loss can compute this objective (one logit term plus CE)."""
+        try:
+            _fused_split(self.terms)
+        except ValueError:
+            return False
+        return True
 
     @property
     def needs_teacher(self) -> bool:
@@ -135,12 +149,19 @@ class Objective(nn.Module):
         return {t.teacher for t in self.terms if t.uses_teacher}
 
     def forward(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None = None,
-                *, labels: Tensor | None = None, mask: Tensor | None = None,
+                *, labels: Tensor | None = None, mask: Tensor | None = None, alignment: Tensor | None = None,
                 reduction: str = "mean") -> ObjectiveOutput:
         """The weighted sum; ``reduction="sum"`` lets a caller normalise by a larger token count
-        (all micro-batches of an accumulated step, all processes)."""
+        (all micro-batches of an accumulated step, all processes).
+
+        ``alignment`` (``[B, L_student]``, -1 for none) picks, for each student position, the
+        teacher position it is compared with, when the two read different token sequences.
+        """
         if isinstance(student.get(LOGITS), HeadInputs):
-            return self._fused(student[LOGITS], teacher, labels, mask, reduction)
+            if alignment is not None:
+                raise ValueError("the fused head loss needs teacher and student on the same positions: "
+                                 "turn fused_loss off for aligned (cross-tokenizer) batches")
+            return self._fused(self._head_slice(student[LOGITS]), teacher, labels, mask, reduction)
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for index, term in enumerate(self.terms):
@@ -159,6 +180,11 @@ class Objective(nn.Module):
                     signal = self.projections[str(index)](signal)
                 position_labels = labels if _per_position(labels, signal) else None
                 term_mask = mask if spec.kind == "attention-maps" else _fits(mask, signal)
+                if alignment is not None and isinstance(target, Tensor) and alignment.shape == signal.shape[:-1]:
+                    target, term_mask = _aligned(target, alignment, term_mask)
+                if self.vocab_size is not None and spec.kind in ("divergence", "logits"):
+                    signal = signal[..., : self.vocab_size]
+                    target = target if isinstance(target, SparseTarget) else target[..., : self.vocab_size]
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
                     value = sparse_loss(signal, target, loss=term.loss, mask=term_mask, labels=position_labels,
                                         leftover=self.sparse_leftover, reduction=reduction, **term.params)
@@ -170,6 +196,12 @@ class Objective(nn.Module):
         assert total is not None
         return ObjectiveOutput(total, parts)
 
+    def _head_slice(self, head: HeadInputs) -> HeadInputs:
+        if self.vocab_size is None:
+            return head
+        bias = head.bias[: self.vocab_size] if head.bias is not None else None
+        return HeadInputs(head.hidden, head.weight[: self.vocab_size], bias)
+
     def _fused(self, head: HeadInputs, teacher: Mapping[str, Any] | None, labels: Tensor | None,
                mask: Tensor | None, reduction: str) -> ObjectiveOutput:
         """``w_d · loss + w_ce · CE`` straight from the student's head inputs, chunk by chunk."""
@@ -178,6 +210,10 @@ class Objective(nn.Module):
         target = teacher[LOGITS] if (soft and teacher is not None) else None
         if soft and target is None:
             raise ValueError(f"term {soft.loss!r} needs teacher signals")
+        if isinstance(target, HeadInputs):
+            target = self._head_slice(target)
+        elif target is not None and self.vocab_size is not None:
+            target = target[..., : self.vocab_size]
         teacher_args = ({"teacher_hidden": target.hidden, "teacher_weight": target.weight,
                          "teacher_bias": target.bias} if isinstance(target, HeadInputs)
                         else {"teacher_logits": target})
@@ -198,6 +234,14 @@ def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
         raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
                          "this objective has other terms: turn fused_loss off")
     return (soft[0] if soft else None), (hard[0] if hard else None)
+
+
+def _aligned(target: Tensor, alignment: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The teacher's per-position signal gathered at the student's aligned positions, and the mask
+    of student positions that have a teacher position."""
+    index = alignment.clamp(min=0)[..., None].expand(*alignment.shape, target.shape[-1])
+    keep = alignment >= 0
+    return target.gather(1, index.to(target.device)), keep if mask is None else keep & mask.bool()
 
 
 def _fits(mask: Tensor | None, signal: Tensor) -> Tensor | None:

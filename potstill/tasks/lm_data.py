@@ -1,0 +1,233 @@
+"""Token sequences for causal-LM distillation.
+
+Every example starts as text: a *source* ``(prompt, completion)``. Plain text is cut into
+chunks with an empty prompt (every position is trained); prompt/completion pairs train only
+the completion (the prompt goes through the tokenizer's chat template when it has one). Each
+source is encoded by the student's tokenizer and, when the teacher's differs, by the teacher's
+too, with an *alignment*: for each student position, the teacher position it is compared with.
+
+- ``position`` (the ULD paper's): the k-th completion token of the student with the k-th of
+  the teacher, as far as the shorter one goes;
+- ``offsets`` (ours): positions that predict a token starting at the same byte of the text,
+  so that both models have read exactly the same text; positions without such a partner are
+  left out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..losses import IGNORE_INDEX
+from .base import Batch
+
+log = logging.getLogger(__name__)
+EOS = "<|endoftext|>"
+
+#: a prompt (str, or chat messages) and the completion text; plain text has an empty prompt
+Source = tuple[str | list[dict[str, str]], str]
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as str: UTF-8, or Latin-1 for the older files that are not (with a log line)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        log.info("%s is not UTF-8; reading it as Latin-1", path)
+        return raw.decode("latin-1")
+
+
+def read_pairs(path: str | Path) -> list[Source]:
+    """JSON lines of ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}`` (the last
+    message is the completion); a bad line names the file and line number."""
+    sources: list[Source] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "messages" in record:
+                *prompt, last = record["messages"]
+                sources.append((prompt, last["content"]))
+            else:
+                sources.append((record["prompt"], record["completion"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{number}: expected a JSON object with prompt and completion "
+                             f"(or messages): {exc}") from None
+    if not sources:
+        raise ValueError(f"{path}: no prompt/completion pairs")
+    return sources
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained on ``texts``, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+def token_byte_lengths(tokenizer) -> Tensor:
+    """UTF-8 bytes each token id stands for (for bits per byte and byte offsets)."""
+    from tokenizers import decoders
+
+    byte_level = isinstance(getattr(tokenizer.backend_tokenizer, "decoder", None), decoders.ByteLevel)
+    lengths = torch.ones(len(tokenizer), dtype=torch.float64)
+    special = set(tokenizer.all_special_tokens)
+    for token, index in tokenizer.get_vocab().items():
+        if index >= len(lengths):
+            continue
+        if token in special:
+            lengths[index] = 0
+            continue
+        # byte-level BPE spells each byte as one character; otherwise decode the piece
+        lengths[index] = len(token) if byte_level else max(1, len(tokenizer.decode([index]).encode()))
+    return lengths
+
+
+def text_chunks(text: str, tokenizer, tokens: int) -> list[str]:
+    """``text`` cut at token boundaries into pieces of ``tokens`` tokens (the last partial one dropped)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [offsets[i][0] for i in range(0, len(offsets) - tokens, tokens)]
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], offsets[-1][1]], strict=True)][: len(starts)]
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids: through the chat template when the tokenizer has one."""
+    if not prompt:
+        return []
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    text = "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, source: Source) -> tuple[list[int], int]:
+    """Token ids of a source and how many of them are prompt (a pair's completion ends with EOS)."""
+    prompt, completion = source
+    head = prompt_ids(tokenizer, prompt)
+    tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if prompt and tokenizer.eos_token_id is not None:
+        tail = [*tail, tokenizer.eos_token_id]
+    return head + tail, len(head)
+
+
+def align(student: tuple[list[int], int], teacher: tuple[list[int], int], how: str,
+          student_bytes: Tensor, teacher_bytes: Tensor) -> Tensor:
+    """For each student input position, the teacher input position compared with it (-1: none).
+
+    Position ``i`` predicts token ``i + 1``; only positions that predict a completion token
+    are aligned.
+    """
+    (s_ids, s_prompt), (t_ids, t_prompt) = student, teacher
+    out = torch.full((len(s_ids) - 1,), -1, dtype=torch.long)
+    s_completion, t_completion = len(s_ids) - s_prompt, len(t_ids) - t_prompt
+    if how == "position":
+        pairs = [(k, k) for k in range(min(s_completion, t_completion))]
+    elif how == "offsets":
+        s_starts = _starts(s_ids[s_prompt:], student_bytes)
+        t_index = {start: k for k, start in enumerate(_starts(t_ids[t_prompt:], teacher_bytes))}
+        pairs = [(k, t_index[b]) for k, b in enumerate(s_starts) if b in t_index]
+    else:
+        raise ValueError(f"alignment must be 'position' or 'offsets', got {how!r}")
+    for k_s, k_t in pairs:
+        i, j = s_prompt + k_s - 1, t_prompt + k_t - 1
+        if i >= 0 and 0 <= j < len(t_ids) - 1:
+            out[i] = j
+    return out
+
+
+def _starts(ids: list[int], byte_lengths: Tensor) -> list[int]:
+    """The byte offset where each token starts (the first at 0)."""
+    lengths = byte_lengths[torch.tensor(ids, dtype=torch.long)].long() if ids else torch.zeros(0, dtype=torch.long)
+    return (lengths.cumsum(0) - lengths).tolist()
+
+
+@dataclass
+class Encoder:
+    """Turns sources into examples: the student's ids and, for another teacher tokenizer, the
+    teacher's ids and the alignment. ``max_length`` caps the tokens per example."""
+
+    student: Any
+    teacher: Any | None
+    max_length: int
+    alignment: str = "position"
+
+    def __post_init__(self) -> None:
+        self.student_bytes = token_byte_lengths(self.student)
+        self.teacher_bytes = token_byte_lengths(self.teacher) if self.teacher is not None else None
+        self.truncated = 0
+
+    def __call__(self, source: Source) -> dict[str, Any]:
+        s = self._fit(*encode(self.student, source))
+        example: dict[str, Any] = {"ids": torch.tensor(s[0]), "prompt_length": s[1]}
+        if self.teacher is not None:
+            t = self._fit(*encode(self.teacher, source))
+            example.update(teacher_ids=torch.tensor(t[0]), teacher_prompt_length=t[1],
+                           alignment=align(s, t, self.alignment, self.student_bytes, self.teacher_bytes))
+        return example
+
+    def _fit(self, ids: list[int], prompt_length: int) -> tuple[list[int], int]:
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids = ids[: self.max_length]
+        return ids, prompt_length
+
+    def many(self, sources: list[Source]) -> list[dict[str, Any]]:
+        self.truncated = 0
+        examples = [e for e in map(self, sources) if len(e["ids"]) - max(e["prompt_length"], 1) >= 1]
+        if self.truncated:
+            log.warning("%d of %d sequences are longer than %d tokens: truncated", self.truncated,
+                        len(sources), self.max_length)
+        return examples
+
+
+def inputs_and_labels(ids: list[int] | Tensor, prompt_length: int) -> tuple[Tensor, Tensor]:
+    """Next-token inputs and labels; positions that predict a prompt token are ``-100``."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    labels = ids[1:].clone()
+    labels[: max(prompt_length - 1, 0)] = IGNORE_INDEX
+    return ids[:-1], labels
+
+
+def pad(rows: list[Tensor], value: int) -> Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+
+def model_inputs(rows: list[Tensor]) -> dict[str, Tensor]:
+    """Right-padded ``input_ids`` and their ``attention_mask``."""
+    return {"input_ids": pad(rows, 0), "attention_mask": pad([torch.ones_like(r) for r in rows], 0)}
+
+
+def collate(examples: list[dict[str, Any]]) -> Batch:
+    """Pad a list of examples into a :class:`Batch` (labels ``-100`` and alignment ``-1`` on padding)."""
+    pairs = [inputs_and_labels(e["ids"], e["prompt_length"]) for e in examples]
+    student = model_inputs([x for x, _ in pairs])
+    labels = pad([y for _, y in pairs], IGNORE_INDEX)
+    if "teacher_ids" not in examples[0]:
+        return Batch(student_inputs=student, teacher_inputs=student, labels=labels)
+    teacher = model_inputs([inputs_and_labels(e["teacher_ids"], 0)[0] for e in examples])
+    return Batch(student_inputs=student, teacher_inputs=teacher, labels=labels,
+                 alignment=pad([e["alignment"] for e in examples], -1))
+
+
+def teacher_view(example: dict[str, Any]) -> dict[str, Any]:
+    """The example as the teacher reads it (its own ids, no alignment)."""
+    if "teacher_ids" not in example:
+        return example
+    return {"ids": example["teacher_ids"], "prompt_length": example["teacher_prompt_length"]}
