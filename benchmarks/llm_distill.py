@@ -88,24 +88,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--only", choices=["same", "cross"], default=None)
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these rows (by name)")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--work", default="/tmp/potstill-llm-bench")
     parser.add_argument("--out", default="benchmarks/results/llm_distill.json")
     args = parser.parse_args()
-    student_same = ["student.layers_from_teacher=every-other", "train.learning_rate=3e-4"]
+    student_same = ["student.layers_from_teacher=every-other", "train.learning_rate=5e-4"]
     student_cross = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
                      "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
-    rows = []
+    rows: list[dict] = []
+    # rows already in the output file are kept (add seeds or methods in later runs)
+    previous = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
     for seed in args.seeds:
         for table, methods, student in (("same", SAME, student_same), ("cross", CROSS, student_cross)):
             if args.only and args.only != table:
                 continue
             for name, overrides in methods.items():
+                if args.methods and name not in args.methods:
+                    continue
                 row = run(name, [*common(args, seed), *student, *overrides],
                           Path(args.work) / f"{table}-{name.split()[0]}-{seed}",
                           tokens=args.examples * args.block * args.epochs)
                 rows.append({"table": table, "seed": seed, **row})
-                Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(summary(rows))
+                Path(args.out).write_text(json.dumps({"args": vars(args), "rows": previous + rows}, indent=1))
+    print(summary(previous + rows))
 
 
 def summary(rows: list[dict]) -> str:

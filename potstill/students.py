@@ -114,16 +114,18 @@ def _update_config(config, stack: LayerStack, keep: list[int]) -> None:
 
 def init_student(teacher_path: str | Path, out: str | Path, layers: str | Sequence[int] | dict,
                  trust_remote_code: bool = False) -> nn.Module:
-    """Load a Hugging Face teacher, cut it with :func:`make_student`, save the student (and tokenizer)."""
+    """Load a teacher (folder, hub name, ``.gguf`` file or offline name, see :mod:`potstill.pretrained`),
+    cut it with :func:`make_student`, save the student (and the teacher's tokenizer)."""
     from .models import load_model, save_model
+    from .pretrained import load_causal_lm, load_tokenizer, resolve
 
-    teacher = load_model(teacher_path, trust_remote_code=trust_remote_code)
+    source = resolve(teacher_path)
+    teacher = (load_causal_lm(source, trust_remote_code) if source.gguf_file
+               else load_model(source.path, trust_remote_code=trust_remote_code))
     student = make_student(teacher, layers)
     save_model(student, out)
     try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(teacher_path)).save_pretrained(str(out))
+        load_tokenizer(source, trust_remote_code).save_pretrained(str(out))
     except (OSError, ValueError):
         pass  # a teacher folder without a tokenizer: nothing to copy
     return student

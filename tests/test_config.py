@@ -37,6 +37,11 @@ def test_bad_values_name_the_field_and_allowed_values(data, field, expected):
     assert f"'{field}'" in message and expected in message
 
 
+def dump_recipe_to(path, recipe):
+    path.write_text(dump_recipe(recipe))
+    return path
+
+
 def test_builtin_recipes_by_name_and_overrides(tmp_path):
     assert "mnist" in builtin_recipes()
     recipe = load_recipe("mnist", ["train.epochs=2", "distillation.loss=jsd", "distillation.params={beta: 0.3}"])
@@ -47,6 +52,8 @@ def test_builtin_recipes_by_name_and_overrides(tmp_path):
     assert load_recipe(path) == recipe
     with pytest.raises(RecipeError, match=r"built-in recipes: .*mnist"):
         load_recipe("no-such-recipe")
+    for name in builtin_recipes():  # every shipped recipe validates and round-trips
+        assert load_recipe(dump_recipe_to(tmp_path / f"{name}.yaml", load_recipe(name))) == load_recipe(name)
     with pytest.raises(RecipeError, match=r"section\.field=value"):
         load_recipe("mnist", ["train.epochs"])
 

@@ -104,6 +104,17 @@ def test_heads_that_differ_by_padding_rows_compare_the_shared_range():
         Objective.hinton(alpha=1.0)({"logits": student}, {"logits": teacher})
 
 
+def test_a_teacher_head_with_padding_rows_distils_on_the_shared_range(tmp_path, tokenizers, caplog):
+    folder = tmp_path / "teacher"  # 1,000 tokens, 1,064 head rows (like 49,152 vs 49,280)
+    tiny_llama(len(tokenizers[1]) + 64).save_pretrained(folder)
+    tokenizers[1].save_pretrained(folder)
+    recipe = load_recipe("tiny-lm", [*TINY_LM, f"teacher.model_name_or_path={folder}"])
+    with caplog.at_level("INFO", logger="potstill"):
+        result = distill(recipe, tmp_path / "run", progress=False)
+    assert "the teacher's head has 1,064 rows, 1,000 of them real tokens" in caplog.text
+    assert result.metrics["models"]["student"]["kl_to_teacher"] >= 0
+
+
 def test_a_tokenizer_larger_than_the_head_is_refused(tmp_path, tokenizers):
     folder = tmp_path / "teacher"
     tiny_llama(len(tokenizers[1]) - 10).save_pretrained(folder)

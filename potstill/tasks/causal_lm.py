@@ -152,7 +152,8 @@ class CausalLM:
         self.cross = self.tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab()
         self._check_cross_tokenizer()
         self._check_generation()
-        max_length = self._fit_context(data.block_size + 1 if isinstance(data, TextData) else data.max_length)
+        # a sequence of n tokens feeds the model n - 1 positions (the last token is only a label)
+        max_length = 1 + self._fit_context(data.block_size if isinstance(data, TextData) else data.max_length - 1)
         if isinstance(data, TextData):
             train_sources = [("", c) for text in train_sources for c in text_chunks(text, self.tokenizer, max_length)]
             eval_sources = [("", c) for text in eval_sources for c in text_chunks(text, self.tokenizer, max_length)]
@@ -233,12 +234,12 @@ class CausalLM:
                               "teacher (the cache holds its outputs on the data's own completions)")
 
     def _fit_context(self, length: int) -> int:
-        """Sequences longer than a pretrained model's context are cut to it, with a warning."""
+        """Input positions, cut to a pretrained model's context (with a warning) when longer."""
         limits = [max_context(spec.source(), spec.trust_remote_code)
                   for spec in (self.recipe.teacher, self.recipe.student) if spec.model_name_or_path]
         limits = [limit for limit in limits if limit]
         if limits and length > min(limits):
-            log.warning("sequences of %d tokens are longer than the models' context (%d tokens): cut to %d",
+            log.warning("sequences of %d positions are longer than the models' context (%d tokens): cut to %d",
                         length, min(limits), min(limits))
             return min(limits)
         return length
@@ -284,7 +285,7 @@ class CausalLM:
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
             num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-            intermediate_size=spec.intermediate_size, max_position_embeddings=self.encode.max_length,
+            intermediate_size=spec.intermediate_size, max_position_embeddings=self.encode.max_length - 1,
             eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None, tie_word_embeddings=True,
         )
         return LlamaForCausalLM(config)
