@@ -7,7 +7,8 @@ safetensors folder under benchmarks/.cache). Train on Shakespeare + State of the
 
 1. the teacher's held-out bits per byte;
 2. same tokenizer: a student with every other teacher layer (15 of 30, initialised from it),
-   trained with CE only, forward KL, reverse KL, JSD(0.5), and on-policy JSD(0.5) (λ = 0.5);
+   trained with CE only, forward KL, reverse KL, JSD(0.5) (pure distillation, α = 1), reverse
+   KL and JSD(0.5) mixed with CE (α = 0.5), and on-policy JSD(0.5) (λ = 0.5, α = 1, as GKD);
 3. different tokenizer: a small Llama with a byte-level BPE trained on the corpus, trained with
    CE only, sequence-level KD, ULD + CE (the paper's position alignment), ULD + CE aligned by
    byte offsets.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +38,8 @@ SAME = {
     "forward KL": ["distillation.loss=kl", "distillation.alpha=1"],
     "reverse KL": ["distillation.loss=reverse_kl", "distillation.alpha=1"],
     "JSD(0.5)": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=1"],
+    "reverse KL + CE (α=0.5)": ["distillation.loss=reverse_kl", "distillation.alpha=0.5"],
+    "JSD(0.5) + CE (α=0.5)": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=0.5"],
     "on-policy JSD(0.5), λ=0.5": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=1",
                                   "generation.on_policy=0.5"],
 }
@@ -92,7 +96,14 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--work", default="/tmp/potstill-llm-bench")
     parser.add_argument("--out", default="benchmarks/results/llm_distill.json")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="combine these result files into --out and print the table (no training)")
     args = parser.parse_args()
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(Path(path).read_text())["rows"]]
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        print(summary(rows))
+        return
     student_same = ["student.layers_from_teacher=every-other", "train.learning_rate=5e-4"]
     student_cross = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
                      "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
@@ -107,7 +118,7 @@ def main() -> None:
                 if args.methods and name not in args.methods:
                     continue
                 row = run(name, [*common(args, seed), *student, *overrides],
-                          Path(args.work) / f"{table}-{name.split()[0]}-{seed}",
+                          Path(args.work) / f"{table}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{seed}",
                           tokens=args.examples * args.block * args.epochs)
                 rows.append({"table": table, "seed": seed, **row})
                 Path(args.out).write_text(json.dumps({"args": vars(args), "rows": previous + rows}, indent=1))

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 VENDORED_TEXT = Path(__file__).parent.parent / "data" / "text" / "shakespeare-sample.txt"
 GENERATIONS = "teacher-generations.json"
 
-__all__ = ["CausalLM", "CausalLMRecipe", "read_text"]
+__all__ = ["CausalLM", "CausalLMRecipe"]
 
 
 class TokenizerSpec(_Section):

