@@ -48,7 +48,14 @@ CROSS = {
     "sequence-level KD": ["distillation.alpha=0", "generation.sequence_level=true"],
     "ULD + CE (position)": ["distillation.loss=uld", "distillation.alpha=0.5", "data.alignment=position"],
     "ULD + CE (byte offsets)": ["distillation.loss=uld", "distillation.alpha=0.5", "data.alignment=offsets"],
+    "0.1 ULD + 0.9 CE (position)": ["distillation.loss=uld", "distillation.alpha=0.1", "data.alignment=position"],
+    "0.1 ULD + 0.9 CE (byte offsets)": ["distillation.loss=uld", "distillation.alpha=0.1", "data.alignment=offsets"],
 }
+
+
+STUDENT_SAME = ["student.layers_from_teacher=every-other", "train.learning_rate=5e-4"]
+STUDENT_CROSS = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
+                 "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
 
 
 def teacher_folder() -> Path:
@@ -69,6 +76,33 @@ def common(args: argparse.Namespace, seed: int) -> list[str]:
             f"data.max_eval_examples={args.eval_examples}", "distillation.temperature=1.0",
             f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.warmup_steps=5",
             f"train.seed={seed}", "baseline=false"]
+
+
+def alignment_stats(args: argparse.Namespace) -> dict:
+    """How the two alignments pair the student's (8k BPE) and the teacher's (SmolLM2) positions on
+    the held-out chunks: coverage, and how often a pair has read exactly the same text."""
+    from potstill.tasks import TASKS
+    from potstill.tasks.lm_data import Encoder
+
+    overrides = [*common(args, 0), *STUDENT_CROSS, "distillation.loss=uld"]
+    task = TASKS["causal-lm"](load_recipe("tiny-lm", overrides), progress=False)
+    sources = [("", task.tokenizer.decode(e["ids"])) for e in task.eval_set]
+    stats = {}
+    for how in ("position", "offsets"):
+        encode = Encoder(task.tokenizer, task.teacher_tokenizer, task.encode.max_length, how)
+        pairs = same = positions = 0
+        for source in sources:
+            e = encode(source)
+            s_ids, t_ids = e["ids"].tolist(), e["teacher_ids"].tolist()
+            positions += len(s_ids) - 1
+            for i, j in enumerate(e["alignment"].tolist()):
+                if j >= 0:
+                    pairs += 1
+                    same += len(task.tokenizer.decode(s_ids[: i + 1]).encode()) == \
+                        len(task.teacher_tokenizer.decode(t_ids[: j + 1]).encode())
+        stats[how] = {"aligned_fraction": pairs / positions, "same_text_fraction": same / max(pairs, 1)}
+    print(json.dumps(stats), flush=True)
+    return stats
 
 
 def run(name: str, overrides: list[str], out: Path, tokens: int) -> dict:
@@ -96,6 +130,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--work", default="/tmp/potstill-llm-bench")
     parser.add_argument("--out", default="benchmarks/results/llm_distill.json")
+    parser.add_argument("--alignment-stats", action="store_true",
+                        help="only measure the two cross-tokenizer alignments on the held-out chunks")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="combine these result files into --out and print the table (no training)")
     args = parser.parse_args()
@@ -104,9 +140,10 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         print(summary(rows))
         return
-    student_same = ["student.layers_from_teacher=every-other", "train.learning_rate=5e-4"]
-    student_cross = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
-                     "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
+    if args.alignment_stats:
+        alignment_stats(args)
+        return
+    student_same, student_cross = STUDENT_SAME, STUDENT_CROSS
     rows: list[dict] = []
     # rows already in the output file are kept (add seeds or methods in later runs)
     previous = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []

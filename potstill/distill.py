@@ -131,7 +131,7 @@ class Run:
                            top_k_size=spec.top_k, temperature=self.recipe.distillation.temperature,
                            dtype=spec.dtype, shard_size=spec.shard_size, progress=self.progress,
                            identity={"teacher_name": self.recipe.teacher.model_name_or_path or "trained"},
-                           processes=self.accelerator)
+                           processes=self.accelerator, vocab_size=getattr(self.task, "shared_vocab_size", None))
         self.accelerator.print(f"[cache] {folder}: {info.manifest['positions']:,} positions, "
                                f"{info.bytes_per_position:.0f} bytes per position (top-{spec.top_k}, {spec.dtype})")
         return info

@@ -158,7 +158,7 @@ class Objective(nn.Module):
         teacher position it is compared with, when the two read different token sequences.
         """
         if isinstance(student.get(LOGITS), HeadInputs):
-            if alignment is not None:
+            if alignment is not None and self.needs_teacher:
                 raise ValueError("the fused head loss needs teacher and student on the same positions: "
                                  "turn fused_loss off for aligned (cross-tokenizer) batches")
             return self._fused(self._head_slice(student[LOGITS]), teacher, labels, mask, reduction)
@@ -169,8 +169,10 @@ class Objective(nn.Module):
             if spec.target == "labels":
                 if labels is None:
                     raise ValueError(f"term {term.loss!r} needs labels but the batch has none")
-                value = spec.fn(student[term.student], labels, mask=_fits(mask, student[term.student]),
-                                reduction=reduction, **term.params)
+                signal = student[term.student]
+                if self.vocab_size is not None and term.student == LOGITS:
+                    signal = signal[..., : self.vocab_size]  # as the fused path: padding rows never count
+                value = spec.fn(signal, labels, mask=_fits(mask, signal), reduction=reduction, **term.params)
             else:
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")

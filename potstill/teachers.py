@@ -121,6 +121,7 @@ def _record_progress(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collate: Callable[[list[Any]], Batch], *,
                 top_k_size: int, temperature: float, dtype: str = "bfloat16", shard_size: int = 256,
+                vocab_size: int | None = None,
                 identity: dict[str, Any] | None = None, progress: bool = True,
                 processes: Processes | None = None) -> CacheInfo:
     """Run ``teacher`` once over ``dataset`` and store its top-k; resumes a partial cache.
@@ -135,6 +136,7 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
     expected = {
         "data": dataset_fingerprint(dataset), "teacher": model_fingerprint(teacher), "examples": len(dataset),  # type: ignore[arg-type]
         "top_k": top_k_size, "temperature": temperature, "dtype": dtype, "shard_size": shard_size,
+        **({"vocab_size": vocab_size} if vocab_size else {}),
         **(identity or {}),
     }
     manifest: dict[str, Any] = {"identity": expected, "shards": {}, "positions": 0, "bytes": 0}
@@ -172,7 +174,8 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
         for sub in range(start, stop, 64):
             batch = collate([dataset[i] for i in range(sub, min(sub + 64, stop))]).to(device)
             logits = teacher_signals(teacher, batch.teacher_inputs, [LOGITS])[LOGITS]
-            parts.append(top_k(logits.float(), top_k_size, temperature))
+            # a head padded beyond the tokenizer: only real tokens, as the live loss sees them
+            parts.append(top_k(logits[..., :vocab_size].float(), top_k_size, temperature))
         tensors = {
             "ids": torch.cat([p.ids for p in parts]).to(torch.int32).cpu().contiguous(),
             "logprobs": torch.cat([p.logprobs for p in parts]).to(DTYPES[dtype]).cpu().contiguous(),

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from potstill.config import RecipeError, load_recipe
 from potstill.distill import distill
-from potstill.losses import IGNORE_INDEX, kl_divergence
-from potstill.objective import Objective
+from potstill.losses import IGNORE_INDEX, kl_divergence, uld
+from potstill.objective import Objective, Term
 from potstill.tasks import TASKS
 from potstill.tasks.causal_lm import VENDORED_TEXT
 from potstill.tasks.lm_data import Encoder, collate, encode, read_text, train_tokenizer
@@ -71,11 +73,43 @@ def test_offset_alignment_pairs_positions_that_read_the_same_text(tokenizers):
     assert sum(j >= 0 for j in expected) >= 10  # word starts line up: a real overlap, not a handful
 
 
+def test_alignment_of_pairs_whose_prompts_differ_in_length(tokenizers):
+    student, teacher = train_tokenizer([read_text(VENDORED_TEXT)], 400), tokenizers[1]
+    student.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    source = ("Who speaks first?", SENTENCE)
+    s, t = encode(student, source), encode(teacher, source)
+    assert s.prompt_length > t.prompt_length + 5  # only the student's tokenizer has a chat template
+    for how in ("position", "offsets"):
+        example = Encoder(student, teacher, 256, how)(source)
+        labels = collate([example]).labels[0]
+        pairs = [(i, j) for i, j in enumerate(example["alignment"].tolist()) if j >= 0]
+        assert pairs and all(labels[i] != IGNORE_INDEX for i, _ in pairs)  # only completion positions
+        for i, j in pairs:
+            k_s, k_t = i + 1 - s.prompt_length, j + 1 - t.prompt_length  # completion tokens they predict
+            if how == "position":
+                assert k_s == k_t
+            else:  # the completion text read so far is the same
+                read_s = student.decode(s.ids[s.prompt_length:s.prompt_length + k_s])
+                read_t = teacher.decode(t.ids[t.prompt_length:t.prompt_length + k_t])
+                assert read_s == read_t
+
+
+def test_aligned_teacher_positions_are_gathered():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(1, 4, 6), torch.randn(1, 3, 9)
+    alignment = torch.tensor([[2, -1, 0, 1]])
+    objective = Objective([Term("uld")])
+    value = objective({"logits": student}, {"logits": teacher}, alignment=alignment).loss
+    expected = uld(student[0, [0, 2, 3]], teacher[0, [2, 0, 1]])
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_pairs_train_only_the_completion_through_the_chat_template(tokenizers):
     tokenizer = train_tokenizer([read_text(VENDORED_TEXT)], 400)
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    ids, n_prompt = encode(tokenizer, ("Who speaks?", "The citizen."))
+    ids, n_prompt, _ = encode(tokenizer, ("Who speaks?", "The citizen."))
     assert tokenizer.decode(ids[:n_prompt]) == "<|user|>Who speaks?\n<|assistant|>"
     assert ids[-1] == tokenizer.eos_token_id
     batch = collate([{"ids": torch.tensor(ids), "prompt_length": n_prompt}])
@@ -112,7 +146,12 @@ def test_a_teacher_head_with_padding_rows_distils_on_the_shared_range(tmp_path, 
     with caplog.at_level("INFO", logger="potstill"):
         result = distill(recipe, tmp_path / "run", progress=False)
     assert "the teacher's head has 1,064 rows, 1,000 of them real tokens" in caplog.text
-    assert result.metrics["models"]["student"]["kl_to_teacher"] >= 0
+    assert math.isfinite(result.metrics["models"]["student"]["kl_to_teacher"])
+    # the top-k cache keeps only real tokens too (a padding id would index past the student's head)
+    cached = load_recipe("tiny-lm", [*TINY_LM, f"teacher.model_name_or_path={folder}", "teacher_cache={top_k: 8}"])
+    distill(cached, tmp_path / "cached", progress=False)
+    ids = load_file(next((tmp_path / "cached" / "teacher-cache").glob("shard-*.safetensors")))["ids"]
+    assert int(ids.max()) < 1_000
 
 
 def test_a_tokenizer_larger_than_the_head_is_refused(tmp_path, tokenizers):
@@ -148,17 +187,30 @@ def test_uld_across_tokenizers_trains_the_student_toward_the_teacher(tmp_path, t
 def test_on_policy_rollout_replaces_completions_with_the_students_samples(tokenizers):
     tokenizer = tokenizers[0]
     student = tiny_llama(len(tokenizer)).eval()
-    ids, n_prompt = torch.arange(3, 20), 6
-    batch = collate([{"ids": ids, "prompt_length": n_prompt}])
+    rows = [(torch.arange(3, 20), 6), (torch.arange(30, 41), 4)]  # prompts of 6 and 4 tokens
+    batch = collate([{"ids": ids, "prompt_length": n} for ids, n in rows])
     never = OnPolicy(0.0, temperature=1.0, prompt_fraction=0.5, max_new_tokens=5, eos_token_id=None, seed=0)
     assert never(student, batch, key=0) is batch
-    always = OnPolicy(1.0, temperature=1.0, prompt_fraction=0.5, max_new_tokens=5, eos_token_id=None, seed=0)
-    rolled = always(student, batch, key=7)
-    expected = generate(student, [ids[:n_prompt]], [5], temperature=1.0, eos_token_id=None, seed=7)[0]
-    assert rolled.student_inputs["input_ids"][0, :n_prompt].tolist() == ids[:n_prompt].tolist()
-    assert rolled.labels[0, n_prompt - 1:].tolist() == expected.tolist()
-    assert (rolled.labels[0, : n_prompt - 1] == IGNORE_INDEX).all()
-    assert torch.equal(always(student, batch, key=7).labels, rolled.labels)  # same key, same draw: resumable
+    greedy = OnPolicy(1.0, temperature=0.0, prompt_fraction=0.5, max_new_tokens=5, eos_token_id=None, seed=0)
+    rolled = greedy(student, batch, key=7)
+    for row, (ids, n) in enumerate(rows):
+        # each row as if generated alone: the batch's left padding changes nothing
+        alone = generate(student, [ids[:n]], [5], temperature=0.0, eos_token_id=None, seed=0)[0]
+        assert rolled.student_inputs["input_ids"][row, :n].tolist() == ids[:n].tolist()
+        assert rolled.labels[row, n - 1:n + 4].tolist() == alone.tolist()
+        assert (rolled.labels[row, : n - 1] == IGNORE_INDEX).all()
+    sampled = OnPolicy(1.0, temperature=1.0, prompt_fraction=0.5, max_new_tokens=5, eos_token_id=None, seed=0)
+    assert torch.equal(sampled(student, batch, key=7).labels, sampled(student, batch, key=7).labels)
+    assert not torch.equal(sampled(student, batch, key=7).labels, sampled(student, batch, key=8).labels)
+
+
+def test_generation_stops_after_eos(tokenizers):
+    student = tiny_llama(len(tokenizers[0])).eval()
+    prompt = torch.arange(3, 9)
+    free = generate(student, [prompt], [6], temperature=0.0, eos_token_id=None, seed=0)[0]
+    eos = int(free[2])  # make the third greedy token the end of sequence
+    cut = generate(student, [prompt], [6], temperature=0.0, eos_token_id=eos, seed=0)[0]
+    assert cut.tolist() == free[: int((free == eos).nonzero()[0]) + 1].tolist()
 
 
 def test_on_policy_and_sequence_level_runs(tmp_path):

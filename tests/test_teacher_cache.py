@@ -41,7 +41,8 @@ def test_full_vocabulary_cache_gives_the_live_loss(tmp_path):
 
         sparse = sparse_loss(student_logits, cached.signals(batch)["logits"], loss=loss, temperature=2.0,
                              labels=batch.labels)
-        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        # float32 noise only: the cache ran the teacher on other batches (other padding, other kernels)
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_resumes_rewrites_torn_shards_and_refuses_stale_data(tmp_path, capsys):

@@ -56,7 +56,7 @@ class _LMData(_Section):
     #: null fields = the teacher's own, or a BPE trained on the text for a teacher trained here
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     #: with two tokenizers: pair the k-th completion tokens ("position", as the ULD paper), or
-    #: positions that predict a token starting at the same byte of the text ("offsets")
+    #: positions at which both models have read the same text, by byte offsets ("offsets")
     alignment: Literal["position", "offsets"] = "position"
 
 
@@ -168,7 +168,7 @@ class CausalLM:
         self.train_set = self.transfer_set = self.encode.many(train_sources)
         self.eval_set = self.encode.many(eval_sources)
         if not self.train_set:
-            raise ValueError("no training examples: add text, or lower data.block_size")
+            raise ValueError("no training examples: add text, or lower data.block_size (data.max_length for pairs)")
         if not self.eval_set:
             raise ValueError("no held-out examples: add data.eval_files or raise data.eval_fraction")
         text = "".join(c for _, c in eval_sources)

@@ -8,18 +8,19 @@ too, with an *alignment*: for each student position, the teacher position it is 
 
 - ``position`` (the ULD paper's): the k-th completion token of the student with the k-th of
   the teacher, as far as the shorter one goes;
-- ``offsets`` (ours): positions that predict a token starting at the same byte of the text,
-  so that both models have read exactly the same text; positions without such a partner are
-  left out.
+- ``offsets`` (ours): positions at which both models have read exactly the same text (their
+  last tokens end at the same byte), so both predict what comes next from the same context;
+  positions without such a partner are left out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -92,9 +93,12 @@ def token_byte_lengths(tokenizer) -> Tensor:
             continue
         if token in special:
             lengths[index] = 0
-            continue
-        # byte-level BPE spells each byte as one character; otherwise decode the piece
-        lengths[index] = len(token) if byte_level else max(1, len(tokenizer.decode([index]).encode()))
+        elif byte_level:  # byte-level BPE spells each byte as one character
+            lengths[index] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # SentencePiece byte fallback
+            lengths[index] = 1
+        else:  # SentencePiece marks a space with "▁" (decoding one piece would drop it)
+            lengths[index] = max(1, len(token.replace("\u2581", " ").encode()))
     return lengths
 
 
@@ -117,32 +121,49 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode(tokenizer, source: Source) -> tuple[list[int], int]:
-    """Token ids of a source and how many of them are prompt (a pair's completion ends with EOS)."""
+class Encoded(NamedTuple):
+    ids: list[int]
+    #: how many of ``ids`` are prompt (a pair's completion ends with EOS)
+    prompt_length: int
+    #: for each completion token k: the bytes of the completion read before predicting it
+    read: list[int]
+
+
+def encode(tokenizer, source: Source) -> Encoded:
+    """Token ids of a source, its prompt length, and the text read before each completion token.
+
+    What has been read is measured at token *ends* (from the tokenizer's offsets), which do not
+    depend on whether a tokenizer counts a word's leading space into the word (GPT-2's "Ġ",
+    SentencePiece's "▁") or not.
+    """
     prompt, completion = source
     head = prompt_ids(tokenizer, prompt)
-    tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+    tail = list(enc["input_ids"])
+    ends = [len(completion[:end].encode()) for _, end in enc["offset_mapping"]]
     if prompt and tokenizer.eos_token_id is not None:
         tail = [*tail, tokenizer.eos_token_id]
-    return head + tail, len(head)
+    return Encoded(head + tail, len(head), [0, *ends][: len(tail)])
 
 
-def align(student: tuple[list[int], int], teacher: tuple[list[int], int], how: str,
-          student_bytes: Tensor, teacher_bytes: Tensor) -> Tensor:
+def align(student: Encoded, teacher: Encoded, how: str) -> Tensor:
     """For each student input position, the teacher input position compared with it (-1: none).
 
-    Position ``i`` predicts token ``i + 1``; only positions that predict a completion token
-    are aligned.
+    Position ``i`` predicts token ``i + 1``; only positions that predict a completion token are
+    aligned: by rank in the completion (``position``), or when both have read the same text
+    (``offsets``).
     """
-    (s_ids, s_prompt), (t_ids, t_prompt) = student, teacher
+    s_ids, s_prompt = student.ids, student.prompt_length
+    t_ids, t_prompt = teacher.ids, teacher.prompt_length
     out = torch.full((len(s_ids) - 1,), -1, dtype=torch.long)
     s_completion, t_completion = len(s_ids) - s_prompt, len(t_ids) - t_prompt
     if how == "position":
         pairs = [(k, k) for k in range(min(s_completion, t_completion))]
     elif how == "offsets":
-        s_starts = _starts(s_ids[s_prompt:], student_bytes)
-        t_index = {start: k for k, start in enumerate(_starts(t_ids[t_prompt:], teacher_bytes))}
-        pairs = [(k, t_index[b]) for k, b in enumerate(s_starts) if b in t_index]
+        t_index: dict[int, int] = {}
+        for k, read in enumerate(teacher.read[:t_completion]):
+            t_index.setdefault(read, k)
+        pairs = [(k, t_index[read]) for k, read in enumerate(student.read[:s_completion]) if read in t_index]
     else:
         raise ValueError(f"alignment must be 'position' or 'offsets', got {how!r}")
     for k_s, k_t in pairs:
@@ -150,12 +171,6 @@ def align(student: tuple[list[int], int], teacher: tuple[list[int], int], how: s
         if i >= 0 and 0 <= j < len(t_ids) - 1:
             out[i] = j
     return out
-
-
-def _starts(ids: list[int], byte_lengths: Tensor) -> list[int]:
-    """The byte offset where each token starts (the first at 0)."""
-    lengths = byte_lengths[torch.tensor(ids, dtype=torch.long)].long() if ids else torch.zeros(0, dtype=torch.long)
-    return (lengths.cumsum(0) - lengths).tolist()
 
 
 @dataclass
@@ -171,30 +186,37 @@ class Encoder:
     def __post_init__(self) -> None:
         self.student_bytes = token_byte_lengths(self.student)
         self.teacher_bytes = token_byte_lengths(self.teacher) if self.teacher is not None else None
-        self.truncated = 0
 
     def __call__(self, source: Source) -> dict[str, Any]:
-        s = self._fit(*encode(self.student, source))
-        example: dict[str, Any] = {"ids": torch.tensor(s[0]), "prompt_length": s[1]}
+        s = self._fit(encode(self.student, source))
+        example: dict[str, Any] = {"ids": torch.tensor(s.ids), "prompt_length": s.prompt_length}
         if self.teacher is not None:
-            t = self._fit(*encode(self.teacher, source))
-            example.update(teacher_ids=torch.tensor(t[0]), teacher_prompt_length=t[1],
-                           alignment=align(s, t, self.alignment, self.student_bytes, self.teacher_bytes))
+            t = self._fit(encode(self.teacher, source))
+            example.update(teacher_ids=torch.tensor(t.ids), teacher_prompt_length=t.prompt_length,
+                           alignment=align(s, t, self.alignment))
         return example
 
-    def _fit(self, ids: list[int], prompt_length: int) -> tuple[list[int], int]:
-        if len(ids) > self.max_length:
-            self.truncated += 1
-            ids = ids[: self.max_length]
-        return ids, prompt_length
+    def _fit(self, encoded: Encoded) -> Encoded:
+        return encoded._replace(ids=encoded.ids[: self.max_length])
+
+    def is_truncated(self, source: Source) -> bool:
+        tokenizers = [self.student] + ([self.teacher] if self.teacher is not None else [])
+        return any(len(encode(t, source).ids) > self.max_length for t in tokenizers)
 
     def many(self, sources: list[Source]) -> list[dict[str, Any]]:
-        self.truncated = 0
-        examples = [e for e in map(self, sources) if len(e["ids"]) - max(e["prompt_length"], 1) >= 1]
-        if self.truncated:
-            log.warning("%d of %d sequences are longer than %d tokens: truncated", self.truncated,
-                        len(sources), self.max_length)
-        return examples
+        """Examples of ``sources``; those with no completion token left within ``max_length`` are
+        dropped, and both counts are logged."""
+        examples = [self(source) for source in sources]
+        kept = [e for e in examples if len(e["ids"]) - max(e["prompt_length"], 1) >= 1]
+        truncated = sum(self.is_truncated(s) for s in sources) if any(
+            len(e["ids"]) == self.max_length for e in examples) else 0
+        if truncated:
+            log.warning("%d of %d sequences are longer than %d tokens: truncated", truncated, len(sources),
+                        self.max_length)
+        if len(kept) < len(examples):
+            log.warning("%d of %d sequences have no completion token within %d tokens: left out",
+                        len(examples) - len(kept), len(examples), self.max_length)
+        return kept
 
 
 def inputs_and_labels(ids: list[int] | Tensor, prompt_length: int) -> tuple[Tensor, Tensor]:

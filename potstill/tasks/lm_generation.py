@@ -112,15 +112,16 @@ def teacher_generations(teacher: nn.Module, tokenizer: Any, sources: list[Source
             ids = torch.as_tensor(example["ids"])
             if example["prompt_length"]:
                 prompts.append(ids[: example["prompt_length"]])
-                budgets.append(max_new_tokens or len(ids) - example["prompt_length"])
+                budgets.append(max_new_tokens or max(1, len(ids) - example["prompt_length"]))
             else:
                 cut = max(1, round(len(ids) * prompt_fraction))
                 prompts.append(ids[:cut])
-                budgets.append(len(ids) - cut)
+                budgets.append(max(1, len(ids) - cut))
         completions = generate(teacher, prompts, budgets, temperature=temperature,
                                eos_token_id=tokenizer.eos_token_id, seed=seed + start)
         for (prompt, _), prompt_ids, completion in zip(chunk, prompts, completions, strict=True):
-            text = tokenizer.decode(completion, skip_special_tokens=True)
-            # plain text stays plain: the real prefix and the teacher's continuation, all trained
-            out.append((prompt, text) if prompt else ("", tokenizer.decode(prompt_ids) + text))
+            if prompt:
+                out.append((prompt, tokenizer.decode(completion, skip_special_tokens=True)))
+            else:  # plain text stays plain: the real prefix and the teacher's continuation, all trained
+                out.append(("", tokenizer.decode(torch.cat([prompt_ids, completion]), skip_special_tokens=True)))
     return out
