@@ -163,17 +163,22 @@ def main() -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| table | method | bits/byte (mean ± std) | bits/char | agreement | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    """Markdown table: mean ± std over seeds of held-out bits per byte, and training throughput."""
+    lines = ["| table | method | seeds | bits/byte (mean ± std) | bits/char | agreement | train tokens/s |",
+             "|---|---|---|---|---|---|---|"]
     for table in ("same", "cross"):
-        for name in dict.fromkeys(r["name"] for r in rows if r["table"] == table):
-            group = [r for r in rows if r["table"] == table and r["name"] == name]
-            bpb = [r["bits_per_byte"] for r in group]
+        group = [r for r in rows if r["table"] == table]
+        if group:
+            teacher = statistics.mean(r["teacher_bits_per_byte"] for r in group)
+            lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — |")
+        for name in dict.fromkeys(r["name"] for r in group):
+            runs = [r for r in group if r["name"] == name]
+            bpb = [r["bits_per_byte"] for r in runs]
             spread = f" ± {statistics.stdev(bpb):.3f}" if len(bpb) > 1 else ""
-            agree = statistics.mean(r.get("agreement", float("nan")) for r in group)
-            rate = statistics.mean(r["train_tokens"] / r["train_seconds"] for r in group)
-            lines.append(f"| {table} | {name} | {statistics.mean(bpb):.3f}{spread} | "
-                         f"{statistics.mean(r['bits_per_char'] for r in group):.3f} | {agree:.3f} | {rate:.0f} |")
+            agree = f"{statistics.mean(r['agreement'] for r in runs):.3f}" if "agreement" in runs[0] else "—"
+            rate = statistics.mean(r["train_tokens"] / r["train_seconds"] for r in runs)
+            lines.append(f"| {table} | {name} | {len(runs)} | {statistics.mean(bpb):.3f}{spread} | "
+                         f"{statistics.mean(r['bits_per_char'] for r in runs):.3f} | {agree} | {rate:.0f} |")
     return "\n".join(lines)
 
 

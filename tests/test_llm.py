@@ -18,7 +18,7 @@ from potstill.losses import IGNORE_INDEX, kl_divergence, uld
 from potstill.objective import Objective, Term
 from potstill.tasks import TASKS
 from potstill.tasks.causal_lm import VENDORED_TEXT
-from potstill.tasks.lm_data import Encoder, collate, encode, read_text, train_tokenizer
+from potstill.tasks.lm_data import Encoder, collate, encode, read_text, text_chunks, train_tokenizer
 from potstill.tasks.lm_generation import OnPolicy, generate
 from tests.test_teacher_cache import TINY_LM
 
@@ -48,6 +48,17 @@ def teacher_folder(tmp_path_factory, tokenizers):
     teacher.save_pretrained(folder)
     tokenizers[1].save_pretrained(folder)
     return folder
+
+
+def test_text_is_cut_into_whole_chunks(tokenizers):
+    tokenizer = tokenizers[1]
+    text = read_text(VENDORED_TEXT)[:5000]
+    n = len(tokenizer(text)["input_ids"])
+    chunks = text_chunks(text, tokenizer, 50)
+    assert len(chunks) == n // 50
+    assert "".join(chunks) == text[: len("".join(chunks))]  # consecutive, nothing skipped
+    lengths = [len(tokenizer(c)["input_ids"]) for c in chunks]
+    assert sum(length == 50 for length in lengths) >= 0.9 * len(chunks)  # re-tokenised: the same 50 tokens
 
 
 def test_position_alignment_pairs_the_kth_tokens(tokenizers):

@@ -103,10 +103,9 @@ def token_byte_lengths(tokenizer) -> Tensor:
 
 
 def text_chunks(text: str, tokenizer, tokens: int) -> list[str]:
-    """``text`` cut at token boundaries into pieces of ``tokens`` tokens (the last partial one dropped)."""
+    """``text`` cut at token boundaries into pieces of ``tokens`` tokens (a shorter tail is dropped)."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    starts = [offsets[i][0] for i in range(0, len(offsets) - tokens, tokens)]
-    return [text[a:b] for a, b in zip(starts, [*starts[1:], offsets[-1][1]], strict=True)][: len(starts)]
+    return [text[offsets[i][0]:offsets[i + tokens - 1][1]] for i in range(0, len(offsets) - tokens + 1, tokens)]
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
