@@ -30,7 +30,16 @@ from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
 from ..students import make_student
 from .base import Batch
-from .lm_data import Encoder, collate, read_pairs, read_text, teacher_view, text_chunks, train_tokenizer
+from .lm_data import (
+    Encoder,
+    collate,
+    completion_tokens,
+    read_pairs,
+    read_text,
+    teacher_view,
+    text_chunks,
+    train_tokenizer,
+)
 from .lm_generation import OnPolicy, teacher_generations
 
 log = logging.getLogger(__name__)
@@ -330,8 +339,8 @@ class CausalLM:
             sources = [tuple(s) for s in json.loads(path.read_text())]
         else:
             sources = teacher_generations(
-                teacher, self.teacher_tokenizer, self.train_sources,
-                lambda s: teacher_view(self.encode(s)), temperature=g.temperature,
+                teacher, self.teacher_tokenizer, self.train_sources, max_length=self.encode.max_length,
+                temperature=g.temperature,
                 prompt_fraction=g.prompt_fraction, max_new_tokens=g.max_new_tokens,
                 seed=self.recipe.train.seed, progress=self.progress)
             write_json(path, sources)
@@ -351,7 +360,8 @@ class CausalLM:
         size = len(self.eval_set)
         for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
             examples = self.eval_set[start:start + batch_size]
-            batches = {"student": collate(examples), "teacher": collate([teacher_view(e) for e in examples])}
+            batches = {"student": collate(examples)}
+            batches["teacher"] = collate([teacher_view(e) for e in examples]) if self.cross else batches["student"]
             logits = {}
             for name, model in models.items():
                 side = "teacher" if name == "teacher" and self.cross else "student"
@@ -392,6 +402,6 @@ class CausalLM:
         scores = self._scores({name: m.cpu() for name, m in models.items()})
         for name, model in models.items():
             scores[name] = {"parameters": count_parameters(model), **scores[name]}
-        eval_tokens = sum(int((collate([e]).labels != IGNORE_INDEX).sum()) for e in self.eval_set)
+        eval_tokens = sum(completion_tokens(e) for e in self.eval_set)
         return {"models": scores, "headline": list(self.headline), "eval_tokens": eval_tokens,
                 "vocab_size": len(self.tokenizer), "teacher_vocab_size": len(self.teacher_tokenizer)}

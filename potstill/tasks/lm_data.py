@@ -187,35 +187,40 @@ class Encoder:
         self.teacher_bytes = token_byte_lengths(self.teacher) if self.teacher is not None else None
 
     def __call__(self, source: Source) -> dict[str, Any]:
-        s = self._fit(encode(self.student, source))
+        return self._example(source)[0]
+
+    def _example(self, source: Source) -> tuple[dict[str, Any], bool]:
+        """The example, and whether either side had to be cut to ``max_length``."""
+        sides = [encode(self.student, source)] + ([encode(self.teacher, source)] if self.teacher is not None else [])
+        cut = any(len(side.ids) > self.max_length for side in sides)
+        s, *teacher = [self.fit(side) for side in sides]
         example: dict[str, Any] = {"ids": torch.tensor(s.ids), "prompt_length": s.prompt_length}
-        if self.teacher is not None:
-            t = self._fit(encode(self.teacher, source))
+        for t in teacher:
             example.update(teacher_ids=torch.tensor(t.ids), teacher_prompt_length=t.prompt_length,
                            alignment=align(s, t, self.alignment))
-        return example
+        return example, cut
 
-    def _fit(self, encoded: Encoded) -> Encoded:
+    def fit(self, encoded: Encoded) -> Encoded:
+        """``encoded`` cut to ``max_length`` tokens."""
         return encoded._replace(ids=encoded.ids[: self.max_length])
-
-    def is_truncated(self, source: Source) -> bool:
-        tokenizers = [self.student] + ([self.teacher] if self.teacher is not None else [])
-        return any(len(encode(t, source).ids) > self.max_length for t in tokenizers)
 
     def many(self, sources: list[Source]) -> list[dict[str, Any]]:
         """Examples of ``sources``; those with no completion token left within ``max_length`` are
         dropped, and both counts are logged."""
-        examples = [self(source) for source in sources]
-        kept = [e for e in examples if len(e["ids"]) - max(e["prompt_length"], 1) >= 1]
-        truncated = sum(self.is_truncated(s) for s in sources) if any(
-            len(e["ids"]) == self.max_length for e in examples) else 0
-        if truncated:
-            log.warning("%d of %d sequences are longer than %d tokens: truncated", truncated, len(sources),
+        examples, cuts = zip(*map(self._example, sources), strict=True) if sources else ((), ())
+        kept = [e for e in examples if completion_tokens(e) >= 1]
+        if any(cuts):
+            log.warning("%d of %d sequences are longer than %d tokens: truncated", sum(cuts), len(sources),
                         self.max_length)
         if len(kept) < len(examples):
             log.warning("%d of %d sequences have no completion token within %d tokens: left out",
                         len(examples) - len(kept), len(examples), self.max_length)
         return kept
+
+
+def completion_tokens(example: dict[str, Any]) -> int:
+    """How many positions of an example carry a label (predict a completion token)."""
+    return len(example["ids"]) - max(example["prompt_length"], 1)
 
 
 def inputs_and_labels(ids: list[int] | Tensor, prompt_length: int) -> tuple[Tensor, Tensor]:

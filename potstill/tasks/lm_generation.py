@@ -13,7 +13,6 @@ text, the rest is the model's).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from ..losses import IGNORE_INDEX
 from ..models import evaluating
 from .base import Batch
-from .lm_data import Source, collate
+from .lm_data import Source, collate, encode
 
 
 def generate(model: nn.Module, prompts: list[Tensor], max_new_tokens: list[int], *, temperature: float,
@@ -94,25 +93,23 @@ class OnPolicy:
         return collate(examples).to(batch.labels.device)
 
 
-def teacher_generations(teacher: nn.Module, tokenizer: Any, sources: list[Source], encode: Callable[[Source], dict],
-                        *, temperature: float, prompt_fraction: float, max_new_tokens: int | None, seed: int,
+def teacher_generations(teacher: nn.Module, tokenizer: Any, sources: list[Source], *, max_length: int,
+                        temperature: float, prompt_fraction: float, max_new_tokens: int | None, seed: int,
                         batch_size: int = 16, progress: bool = True) -> list[Source]:
-    """Sequence-level KD: each source with its completion written by the teacher.
-
-    ``encode`` gives the teacher's view of a source (``{"ids", "prompt_length"}``); the
-    result is text, for any student tokenizer.
-    """
+    """Sequence-level KD: each source with its completion written by the teacher (``tokenizer``
+    is the teacher's; sources longer than ``max_length`` tokens are cut). The result is text,
+    for any student tokenizer."""
     out: list[Source] = []
     for start in tqdm(range(0, len(sources), batch_size), desc="teacher writing completions",
                       disable=not progress, leave=False):
         chunk = sources[start:start + batch_size]
         prompts, budgets = [], []
         for source in chunk:
-            example = encode(source)
-            ids = torch.as_tensor(example["ids"])
-            if example["prompt_length"]:
-                prompts.append(ids[: example["prompt_length"]])
-                budgets.append(max_new_tokens or max(1, len(ids) - example["prompt_length"]))
+            encoded = encode(tokenizer, source)
+            ids, prompt_length = torch.tensor(encoded.ids[:max_length]), encoded.prompt_length
+            if prompt_length:
+                prompts.append(ids[:prompt_length])
+                budgets.append(max_new_tokens or max(1, len(ids) - prompt_length))
             else:
                 cut = max(1, round(len(ids) * prompt_fraction))
                 prompts.append(ids[:cut])
