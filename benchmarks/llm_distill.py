@@ -26,6 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from potstill.config import load_recipe
 from potstill.distill import distill
 from potstill.pretrained import SMOLLM2, load_causal_lm, load_tokenizer, resolve
@@ -54,8 +56,15 @@ CROSS = {
 
 
 STUDENT_SAME = ["student.layers_from_teacher=every-other", "train.learning_rate=5e-4"]
-STUDENT_CROSS = ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
-                 "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"]
+STUDENT_CROSS = {
+    # 5.5 M parameters: cheap enough for the CPU table
+    "small": ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
+              "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"],
+    # 64 M parameters, the same-tokenizer student's width and depth (81 M with its 49k vocabulary)
+    "similar": ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=576", "student.num_layers=15",
+                "student.num_heads=9", "student.intermediate_size=1536", "train.learning_rate=1e-3",
+                "train.warmup_steps=50"],
+}
 
 
 def teacher_folder() -> Path:
@@ -69,13 +78,14 @@ def teacher_folder() -> Path:
 
 
 def common(args: argparse.Namespace, seed: int) -> list[str]:
-    train = [str(TEXT / "tinyshakespeare.txt"), *sorted(str(p) for p in (TEXT / "state_union").glob("*.txt"))]
+    text = Path(args.text)
+    train = [str(text / "tinyshakespeare.txt"), *sorted(str(p) for p in (text / "state_union").glob("*.txt"))]
     return [f"teacher.model_name_or_path={teacher_folder()}", f"data.files={json.dumps(train)}",
-            f"data.eval_files={json.dumps([str(TEXT / 'wikitext2-test.txt')])}",
+            f"data.eval_files={json.dumps([str(text / 'wikitext2-test.txt')])}",
             f"data.block_size={args.block}", f"data.max_train_examples={args.examples}",
             f"data.max_eval_examples={args.eval_examples}", "distillation.temperature=1.0",
             f"train.epochs={args.epochs}", f"train.batch_size={args.batch}", "train.warmup_steps=5",
-            f"train.seed={seed}", "baseline=false"]
+            f"train.seed={seed}", f"generation.batch_size={args.generation_batch}", "baseline=false"]
 
 
 def alignment_stats(args: argparse.Namespace) -> dict:
@@ -84,7 +94,7 @@ def alignment_stats(args: argparse.Namespace) -> dict:
     from potstill.tasks import TASKS
     from potstill.tasks.lm_data import Encoder
 
-    overrides = [*common(args, 0), *STUDENT_CROSS, "distillation.loss=uld"]
+    overrides = [*common(args, 0), *STUDENT_CROSS[args.cross_student], "distillation.loss=uld", *args.set]
     task = TASKS["causal-lm"](load_recipe("tiny-lm", overrides), progress=False)
     sources = [("", task.tokenizer.decode(e["ids"])) for e in task.eval_set]
     stats = {}
@@ -111,7 +121,9 @@ def run(name: str, overrides: list[str], out: Path, tokens: int) -> dict:
     history = json.loads((out / "student" / "history.json").read_text())
     seconds = sum(row["seconds"] for row in history if "seconds" in row)
     student = result.metrics["models"]["student"]
-    row = {"name": name, **student, "teacher_bits_per_byte": result.metrics["models"]["teacher"]["bits_per_byte"],
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    teacher = result.metrics["models"]["teacher"]["bits_per_byte"]
+    row = {"name": name, "device": device, **student, "teacher_bits_per_byte": teacher,
            "train_seconds": seconds, "wall_seconds": time.perf_counter() - started, "train_tokens": tokens}
     print(json.dumps(row), flush=True)
     return row
@@ -126,6 +138,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--only", choices=["same", "cross"], default=None)
+    parser.add_argument("--cross-student", choices=sorted(STUDENT_CROSS), default="small",
+                        help="size of the student with its own tokenizer")
+    parser.add_argument("--generation-batch", type=int, default=16,
+                        help="sequences the teacher writes at once (sequence-level KD)")
+    parser.add_argument("--text", default=str(TEXT), help="folder with the corpus (../shared/data/text)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="recipe override for every row, e.g. --set train.fused_loss=false (repeatable)")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these rows (by name)")
     parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--work", default="/tmp/potstill-llm-bench")
@@ -143,7 +162,7 @@ def main() -> None:
     if args.alignment_stats:
         alignment_stats(args)
         return
-    student_same, student_cross = STUDENT_SAME, STUDENT_CROSS
+    student_same, student_cross = STUDENT_SAME, STUDENT_CROSS[args.cross_student]
     rows: list[dict] = []
     # rows already in the output file are kept (add seeds or methods in later runs)
     previous = json.loads(Path(args.out).read_text())["rows"] if args.append and Path(args.out).is_file() else []
@@ -154,10 +173,10 @@ def main() -> None:
             for name, overrides in methods.items():
                 if args.methods and name not in args.methods:
                     continue
-                row = run(name, [*common(args, seed), *student, *overrides],
+                row = run(name, [*common(args, seed), *student, *overrides, *args.set],
                           Path(args.work) / f"{table}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{seed}",
                           tokens=args.examples * args.block * args.epochs)
-                rows.append({"table": table, "seed": seed, **row})
+                rows.append({"table": table, "seed": seed, "cross_student": args.cross_student, **row})
                 Path(args.out).write_text(json.dumps({"args": vars(args), "rows": previous + rows}, indent=1))
     print(summary(previous + rows))
 
@@ -166,8 +185,12 @@ def summary(rows: list[dict]) -> str:
     """Markdown table: mean ± std over seeds of held-out bits per byte, and training throughput."""
     lines = ["| table | method | seeds | bits/byte (mean ± std) | bits/char | agreement | train tokens/s |",
              "|---|---|---|---|---|---|---|"]
-    for table in ("same", "cross"):
-        group = [r for r in rows if r["table"] == table]
+    def label(row: dict) -> str:  # the cross-tokenizer table once per student size
+        size = row.get("cross_student", "small")
+        return row["table"] if row["table"] == "same" or size == "small" else f"cross ({size} student)"
+
+    for table in dict.fromkeys(label(r) for r in sorted(rows, key=lambda r: (r["table"] != "same", label(r)))):
+        group = [r for r in rows if label(r) == table]
         if group:
             teacher = statistics.mean(r["teacher_bits_per_byte"] for r in group)
             lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — |")

@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="recipe override, e.g. --set train.epochs=1 (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--rows", choices=["all", "from-teacher", "random-init"], default="all",
+                        help="which distilled students to train (run the two in parallel on a GPU)")
     parser.add_argument("--runs", default="runs/bench-minilm")
     parser.add_argument("--out", default="benchmarks/results/minilm_distill.json")
     args = parser.parse_args()
@@ -87,18 +89,25 @@ def main() -> None:
     common = [f"data.files=[{f.name}]", f"data.eval_size={EVAL_SIZE}", *args.set]
     runs = Path(args.runs)
     recipe = load_recipe("minilm-distilbert-style", common)
-    from_teacher = distill(recipe, runs / "from-teacher", progress=False, overwrite=True)
-    random_init = distill(load_recipe("minilm-distilbert-style", [*common, "student.init=random"]),
-                          runs / "random-init", progress=False, overwrite=True)
-    rows = dict(from_teacher.metrics["models"])
-    rows["random init, distilled"] = random_init.metrics["models"]["student"]
+    rows: dict[str, dict] = {}
+    curve: list[float] = []
+    if args.rows in ("all", "from-teacher"):
+        from_teacher = distill(recipe, runs / "from-teacher", progress=False, overwrite=True)
+        rows.update(from_teacher.metrics["models"])
+        history = json.loads((from_teacher.run_dir / "student" / HISTORY).read_text())
+        curve = [round(h["eval_spearman"], 4) for h in history if "eval_spearman" in h]
+    if args.rows in ("all", "random-init"):
+        random_init = distill(load_recipe("minilm-distilbert-style", [*common, "student.init=random"]),
+                              runs / "random-init", progress=False, overwrite=True)
+        rows.setdefault("teacher", random_init.metrics["models"]["teacher"])
+        rows["random init, distilled"] = random_init.metrics["models"]["student"]
     teacher_speed = rows["teacher"]["sentences_per_second"]
     for row in rows.values():
         row["speedup"] = row["sentences_per_second"] / teacher_speed
-    history = json.loads((from_teacher.run_dir / "student" / HISTORY).read_text())
-    curve = [round(h["eval_spearman"], 4) for h in history if "eval_spearman" in h]
-    result = {"train_sentences": len(train), "eval_sentences": EVAL_SIZE, "epochs": recipe.train.epochs,
-              "overrides": args.set, "extra_data": bool(args.extra), "distillation": recipe.distillation.model_dump(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "train_sentences": len(train), "eval_sentences": EVAL_SIZE,
+              "epochs": recipe.train.epochs, "overrides": args.set, "extra_data": bool(args.extra),
+              "distillation": recipe.distillation.model_dump(),
               "student": recipe.student.model_dump(), "train": recipe.train.model_dump(), "rows": rows}
     if curve:
         result["eval_spearman_by_epoch"] = curve

@@ -181,7 +181,8 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
     """Run ``recipe``: teacher, scratch student (if ``baseline``), distilled student, report."""
     run = Run.open(recipe, output_dir, overwrite, progress)
     task, r = run.task, recipe
-    teacher = run.teacher()
+    # on the training device before anything uses it (the teacher's generations for sequence-level KD)
+    teacher = run.teacher().to(run.accelerator.device)
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", r.student, Objective.supervised(), r.train, task.transfer_set)

@@ -250,16 +250,22 @@ class Engine:
                           + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()
                                       if k not in ("stage", "epoch")))
                 checkpoint(epoch + 1, 0)
-        return FitResult(acc.unwrap_model(student), history)
+        # accelerate's mixed-precision forward off again: after training, both models run as built
+        # (float32 evaluation, saving, generation)
+        if isinstance(teacher, nn.Module):
+            acc.unwrap_model(teacher, keep_fp32_wrapper=False)
+        return FitResult(acc.unwrap_model(student, keep_fp32_wrapper=False), history)
 
     @staticmethod
     def _prepare_projections(student: nn.Module, objective: Objective, teacher: nn.Module,
                              loader: DataLoader) -> None:
         """One batch through both models to size the feature projections (a bad module path fails here)."""
-        batch = next(iter(loader))
-        with torch.random.fork_rng(), torch.no_grad():  # leaves the RNG as it was: resume stays exact
-            s = forward_signals(student, batch.student_inputs, objective.student_signals)
-            t = teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+        batch = next(iter(loader))  # the loader's own batch, on the CPU: moved to each model's device
+        s_device, t_device = (next(m.parameters()).device for m in (student, teacher))
+        # leaves the RNG as it was (the CPU's and the models' GPUs'): resume stays exact
+        with torch.random.fork_rng(devices=[d for d in {s_device, t_device} if d.type == "cuda"]), torch.no_grad():
+            s = forward_signals(student, batch.to(s_device).student_inputs, objective.student_signals)
+            t = teacher_signals(teacher, batch.to(t_device).teacher_inputs, objective.teacher_signals)
         objective.prepare(s, t)
 
     def _fuse(self, student: nn.Module, objective: Objective, teacher: nn.Module | CachedTeacher | None) -> bool:

@@ -225,9 +225,9 @@ class CachedTeacher:
     def signals(self, batch: Batch) -> dict[str, SparseTarget]:
         if batch.indices is None:
             raise ValueError("a cached teacher needs the batch's example indices (use indexed_collate)")
-        device = batch.labels.device if batch.labels is not None else torch.device("cpu")
         target = self.lookup(batch.indices)
-        return {LOGITS: SparseTarget(*(t.to(device) for t in target))}
+        # the indices travel with the batch (a task without labels too): the targets go where they are
+        return {LOGITS: SparseTarget(*(t.to(batch.indices.device) for t in target))}
 
 
 class IndexedDataset(Dataset):

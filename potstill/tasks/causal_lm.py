@@ -98,6 +98,8 @@ class GenerationSpec(_Section):
     prompt_fraction: float = Field(0.5, gt=0, lt=1)
     #: pairs: tokens to generate per completion (null: the data's completion length); plain text: the rest of the chunk
     max_new_tokens: int | None = Field(None, ge=1)
+    #: sequences the teacher writes at once (sequence-level KD); larger is faster on a GPU
+    batch_size: int = Field(16, ge=1)
 
 
 class LMSpec(ModelSpec):
@@ -342,7 +344,7 @@ class CausalLM:
                 teacher, self.teacher_tokenizer, self.train_sources, max_length=self.encode.max_length,
                 temperature=g.temperature,
                 prompt_fraction=g.prompt_fraction, max_new_tokens=g.max_new_tokens,
-                seed=self.recipe.train.seed, progress=self.progress)
+                seed=self.recipe.train.seed, batch_size=g.batch_size, progress=self.progress)
             write_json(path, sources)
         return self.encode.many(sources)
 
@@ -365,21 +367,21 @@ class CausalLM:
             logits = {}
             for name, model in models.items():
                 side = "teacher" if name == "teacher" and self.cross else "student"
-                batch = batches[side]
+                batch = batches[side].to(next(model.parameters()).device)  # scored where the model is
                 keep = batch.labels != IGNORE_INDEX
-                inputs = {k: v.to(next(model.parameters()).device) for k, v in batch.student_inputs.items()}
-                value = model(**inputs).logits.float().cpu()[keep]
+                value = model(**batch.student_inputs).logits.float()[keep]
                 targets = batch.labels[keep]
                 logits[name] = value[:, : self.shared_vocab_size] if self.shared_vocab_size else value
                 t = totals[name]
                 t["nats"] += torch.nn.functional.cross_entropy(value, targets, reduction="sum").item()
-                t["bytes"] += bytes_of[side][targets].sum().item()
+                t["bytes"] += bytes_of[side][targets.cpu()].sum().item()
                 t["tokens"] += len(targets)
             if "teacher" in logits and not self.cross:
                 for name, value in logits.items():
                     if name != "teacher":
-                        totals[name]["agree"] += (value.argmax(-1) == logits["teacher"].argmax(-1)).sum().item()
-                        totals[name]["kl"] += kl_divergence(value, logits["teacher"], reduction="sum").item()
+                        target = logits["teacher"].to(value.device)
+                        totals[name]["agree"] += (value.argmax(-1) == target.argmax(-1)).sum().item()
+                        totals[name]["kl"] += kl_divergence(value, target, reduction="sum").item()
         return totals
 
     def _summarise(self, totals: dict[str, dict[str, float]], vs_teacher: bool) -> dict[str, dict[str, float]]:
@@ -399,7 +401,7 @@ class CausalLM:
         return {"eval_bits_per_byte": score["bits_per_byte"], "eval_loss": score["eval_loss"]}
 
     def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
-        scores = self._scores({name: m.cpu() for name, m in models.items()})
+        scores = self._scores(models)
         for name, model in models.items():
             scores[name] = {"parameters": count_parameters(model), **scores[name]}
         eval_tokens = sum(completion_tokens(e) for e in self.eval_set)

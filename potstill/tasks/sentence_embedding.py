@@ -108,6 +108,11 @@ def geometry(student: Tensor, teacher: Tensor, k: int = 10) -> dict[str, float]:
     }
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class SentenceEmbedding:
     headline = ("spearman", "top10_overlap", "cosine_to_teacher")
 
@@ -176,9 +181,11 @@ class SentenceEmbedding:
                    for i in range(0, len(sentences), batch_size)]
         outputs = []
         with evaluating(model):
+            _synchronize(device)
             start = time.perf_counter()
             for inputs in batches:
                 outputs.append(model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
+            _synchronize(device)  # a GPU's queued work is done before the clock stops
             seconds = time.perf_counter() - start
         return torch.cat(outputs), len(sentences) / seconds
 
