@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -74,7 +75,13 @@ def _accelerator(recipe: Recipe) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate's gloo DDP
     # needs to be told it is on CPU, or each process would train alone
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        # accelerate keeps one state per process and refuses a second Accelerator with another precision
+        # or device (on a GPU: any run after one with another mixed_precision); in one process each run
+        # may set its own
+        AcceleratorState._reset_state(reset_partial_state=True)
+    multi_cpu = not torch.cuda.is_available() and processes > 1
     if multi_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         # accelerate (1.15) turns an FSDP config into FSDP only on GPUs and other accelerators; on CPU
         # processes it silently runs DDP (docs/scaling.md): say so, rather than let "FSDP" mislead

@@ -25,3 +25,13 @@ def tiny_overrides() -> list[str]:
         "train.learning_rate=3e-3",
         "train.checkpoint_every=10",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Tests build their own Accelerator (``cpu=True``): on a GPU machine accelerate would refuse one
+    after a test whose run took the GPU, as it keeps one state per process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

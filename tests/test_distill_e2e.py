@@ -103,3 +103,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides, s
         resumed, reference = (load_file(d / "student" / "model.safetensors") for d in (run_dir, whole))
         assert resumed.keys() == reference.keys()
         assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_runs_of_different_precision_follow_each_other_in_one_process(tmp_path, tiny_overrides):
+    # accelerate keeps one state per process: without a reset, a run after one with another
+    # mixed_precision is refused (on a GPU, any bf16 run followed by a float32 one)
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="bf16", cpu=True)
+    overrides = [*tiny_overrides, "train.mixed_precision=no", "teacher.train.mixed_precision=no",
+                 "baseline=false", "teacher.train.epochs=1", "train.epochs=1"]
+    result = distill(load_recipe("mnist", overrides), tmp_path / "run", progress=False)
+    assert result.metrics["models"]["student"]["accuracy"] > 0.5
