@@ -44,6 +44,7 @@ SAME = {
     "JSD(0.5) + CE (α=0.5)": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=0.5"],
     "on-policy JSD(0.5), λ=0.5": ["distillation.loss=jsd", "distillation.params={beta: 0.5}", "distillation.alpha=1",
                                   "generation.on_policy=0.5"],
+    "on-policy forward KL, λ=0.5": ["distillation.loss=kl", "distillation.alpha=1", "generation.on_policy=0.5"],
 }
 CROSS = {
     "ce": ["distillation.alpha=0"],
