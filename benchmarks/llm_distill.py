@@ -78,6 +78,11 @@ def teacher_folder() -> Path:
     return folder
 
 
+def slug(name: str) -> str:
+    """A method's name as a file name (run folders, result files)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower())
+
+
 def common(args: argparse.Namespace, seed: int) -> list[str]:
     text = Path(args.text)
     train = [str(text / "tinyshakespeare.txt"), *sorted(str(p) for p in (text / "state_union").glob("*.txt"))]
@@ -175,7 +180,7 @@ def main() -> None:
                 if args.methods and name not in args.methods:
                     continue
                 row = run(name, [*common(args, seed), *student, *overrides, *args.set],
-                          Path(args.work) / f"{table}-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{seed}",
+                          Path(args.work) / f"{table}-{slug(name)}-{seed}",
                           tokens=args.examples * args.block * args.epochs)
                 rows.append({"table": table, "seed": seed, "cross_student": args.cross_student, **row})
                 Path(args.out).write_text(json.dumps({"args": vars(args), "rows": previous + rows}, indent=1))

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from llm_distill import CROSS, SAME
+from llm_distill import CROSS, SAME, slug
 
 FIRST_SEED_ONLY = {"JSD(0.5) + CE (α=0.5)"}
 MAIN_CROSS = [m for m in CROSS if not m.startswith("0.1")]
@@ -37,8 +37,7 @@ def rows() -> list[tuple[str, int, str, str]]:
 
 
 def tag(table: str, seed: int, method: str, size: str) -> str:
-    name = "".join(c if c.isascii() and c.isalnum() else "-" for c in method.lower())
-    return f"{table}-{size}-{seed}-{name}"
+    return f"{table}-{size}-{seed}-{slug(method)}"
 
 
 def main() -> None:
