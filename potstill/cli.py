@@ -42,7 +42,8 @@ def _init_student(args: argparse.Namespace) -> int:
     layers: str | dict[str, str] = args.layers
     if args.stack:
         layers = {args.stack: args.layers}
-    student = init_student(args.teacher, args.out, layers, trust_remote_code=args.trust_remote_code)
+    student = init_student(args.teacher, args.out, layers, trust_remote_code=args.trust_remote_code,
+                           calibration_text=args.calibration)
     print(f"student with {count_parameters(student):,} parameters saved to {args.out}")
     return 0
 
@@ -85,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-student", help="cut a student from a Hugging Face teacher by keeping some layers")
     p.add_argument("--teacher", required=True, help="teacher folder or hub name")
     p.add_argument("--layers", required=True,
-                   help="layers to keep: a list such as 0,2,4 (negative counts from the end), every-other, first-last")
+                   help="layers to keep: a list such as 0,2,4 (negative counts from the end), every-other, "
+                        "first-last, or influence:N (the N layers that change the hidden state most on text)")
+    p.add_argument("--calibration", help="text file read by the teacher to measure influence:N "
+                                         "(default: the Shakespeare sample that ships with potstill)")
     p.add_argument("--stack", help="only cut this layer stack (e.g. decoder for Whisper); default: every stack")
     p.add_argument("--out", required=True, help="folder for the student")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the teacher")

@@ -272,3 +272,30 @@ def test_real_smollm2_teacher_from_gguf_scores_a_sentence(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, logits, atol=1e-4)
+    # half the layers: the 15 that turn the hidden state most on Shakespeare keep far more of the
+    # teacher than every other layer does (5.3 vs 2.6 bits/byte on WikiText-2, BENCHMARKS.md)
+    from potstill.students import SHAKESPEARE_SAMPLE, make_student, text_calibration
+
+    calibration = text_calibration(tokenizer, read_text(SHAKESPEARE_SAMPLE), sequences=4, length=64)
+    text = tokenizer("The tower is 324 metres tall, about the same height as an 81-storey building, and the "
+                     "tallest structure in Paris.", return_tensors="pt")["input_ids"]
+
+    def nll(student):
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(student(input_ids=text).logits[0, :-1], text[0, 1:]).item()
+
+    influential = nll(make_student(model, "influence:15", calibration))
+    assert influential < nll(make_student(model, "every-other")) - 1.0
+
+
+def test_a_student_cut_from_the_teacher_with_its_own_tokenizer_gets_the_teachers_embeddings(teacher_folder):
+    recipe = load_recipe("tiny-lm", [*TINY_LM, f"teacher.model_name_or_path={teacher_folder}",
+                                     "student.tokenizer={vocab_size: 300}", "student.layers_from_teacher=[1]",
+                                     "distillation.loss=uld"])
+    task = TASKS["causal-lm"](recipe, progress=False)
+    student, teacher = task.build_model(recipe.student), task.pretrained_teacher()
+    assert student.config.num_hidden_layers == 1 and student.get_output_embeddings().out_features == 300
+    teacher_vocab = task.teacher_tokenizer.get_vocab()
+    for raw in ("e", "Ġthe", "<|endoftext|>"):  # tokens both tokenizers hold keep the teacher's row
+        row = student.get_input_embeddings().weight[task.tokenizer.convert_tokens_to_ids(raw)]
+        assert torch.equal(row, teacher.get_input_embeddings().weight[teacher_vocab[raw]])

@@ -7,7 +7,14 @@ import torch
 import transformers
 
 from potstill.cli import main
-from potstill.students import find_layer_stacks, make_student, select_layers
+from potstill.students import (
+    block_influence,
+    find_layer_stacks,
+    make_student,
+    select_layers,
+    text_calibration,
+    transfer_vocabulary,
+)
 
 SMALL = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
 
@@ -97,3 +104,94 @@ def test_bad_selections_are_clear_errors():
         select_layers(4, [1, 1])
     with pytest.raises(ValueError, match="no layer stack named"):
         make_student(llama(), {"decoder": [0]})
+
+
+def test_block_influence_is_the_turn_of_the_hidden_state_on_real_positions():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, num_hidden_layers=6, initializer_range=0.3, **SMALL)
+    model = transformers.BertModel(config).eval()  # large weights: every layer turns the state a lot
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding must not count
+    mask[2, 2:] = 0
+    influence = block_influence(model, [{"input_ids": ids, "attention_mask": mask}])["encoder.layer"]
+    with torch.no_grad():  # independent reference: BERT's hidden states are the layers' inputs and outputs
+        states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    keep = mask.bool()
+    expected = [(1 - torch.nn.functional.cosine_similarity(states[i][keep].double(), states[i + 1][keep].double(),
+                                                            dim=-1)).mean().item() for i in range(6)]
+    assert min(expected) > 0.05
+    assert influence == pytest.approx(expected, rel=1e-6)
+
+
+def test_influence_keeps_the_layers_that_do_something():
+    torch.manual_seed(0)
+    teacher = llama().eval()
+    for i in (1, 2):  # no attention or MLP output: these layers pass the hidden state through unchanged
+        teacher.model.layers[i].self_attn.o_proj.weight.data.zero_()
+        teacher.model.layers[i].mlp.down_proj.weight.data.zero_()
+    ids = torch.randint(0, 50, (2, 9))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    assert block_influence(teacher, calibration)["model.layers"][1:3] == pytest.approx([0.0, 0.0], abs=1e-9)
+    student = make_student(teacher, "influence:2", calibration).eval()
+    assert student.config.num_hidden_layers == 2
+    assert torch.equal(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    with torch.no_grad():  # the dropped layers were identities: the student computes what the teacher does
+        torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="give calibration batches"):
+        make_student(teacher, "influence:2")
+    with pytest.raises(ValueError, match="keep between 1 and 4"):
+        make_student(teacher, "influence:5", calibration)
+    with pytest.raises(ValueError, match=r"unknown layer selection 'every_other'.*influence:N"):
+        make_student(teacher, "every_other")
+
+
+def test_init_student_measures_influence_on_text(tmp_path):
+    from potstill.students import SHAKESPEARE_SAMPLE
+    from potstill.tasks.lm_data import read_text, train_tokenizer
+
+    tokenizer = train_tokenizer([read_text(SHAKESPEARE_SAMPLE)], 300)
+    teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=4, **SMALL))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    assert main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "influence:3",
+                 "--out", str(tmp_path / "student")]) == 0
+    influence = block_influence(teacher, text_calibration(tokenizer, read_text(SHAKESPEARE_SAMPLE)))["model.layers"]
+    kept = sorted(sorted(range(4), key=lambda i: -influence[i])[:3])
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    for i, j in enumerate(kept):
+        assert torch.equal(student.model.layers[i].mlp.up_proj.weight, teacher.model.layers[j].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocabulary_transfer_gives_each_new_token_the_teachers_rows_for_its_text(tied):
+    from potstill.students import SHAKESPEARE_SAMPLE
+    from potstill.tasks.lm_data import read_text, train_tokenizer
+
+    text = read_text(SHAKESPEARE_SAMPLE)
+    teacher_tok, student_tok = train_tokenizer([text], 1000), train_tokenizer([text[: len(text) // 3]], 400)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(teacher_tok) + 24, num_hidden_layers=2, num_key_value_heads=4,  # 24 padding rows
+        tie_word_embeddings=tied, **SMALL))
+    old_embeddings = model.get_input_embeddings().weight.detach().clone()
+    old_head = model.get_output_embeddings().weight.detach().clone()
+    fallback = transfer_vocabulary(model, teacher_tok, student_tok)
+    assert fallback == 0  # two byte-level BPEs: every token is shared or spelled by the teacher's
+    assert model.config.vocab_size == len(student_tok) == model.get_output_embeddings().out_features
+    new_embeddings, new_head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (new_head.data_ptr() == new_embeddings.data_ptr()) == tied
+    teacher_vocab = teacher_tok.get_vocab()
+    shared = spelled = 0
+    for token, raw in enumerate(student_tok.convert_ids_to_tokens(list(range(len(student_tok))))):
+        if raw in teacher_vocab:  # e.g. the 256 byte tokens and common words: the teacher's own row
+            pieces, shared = [teacher_vocab[raw]], shared + 1
+        else:  # a merge only the student has: the mean of the teacher's rows for its text
+            pieces, spelled = teacher_tok.encode(student_tok.decode([token]), add_special_tokens=False), spelled + 1
+            assert len(pieces) > 1
+        torch.testing.assert_close(new_embeddings[token], old_embeddings[pieces].mean(0))
+        torch.testing.assert_close(new_head[token], old_head[pieces].mean(0))
+    assert shared > 256 and spelled > 5  # both cases are exercised
+    ids = torch.tensor([student_tok("To be, or not to be")["input_ids"]])
+    assert model(input_ids=ids).logits.shape[-1] == len(student_tok)

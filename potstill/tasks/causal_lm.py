@@ -28,7 +28,7 @@ from ..losses import IGNORE_INDEX, get_loss, kl_divergence
 from ..models import count_parameters, evaluating
 from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
-from ..students import make_student
+from ..students import LayerSelection, make_student, transfer_vocabulary
 from .base import Batch
 from .lm_data import (
     Encoder,
@@ -108,8 +108,9 @@ class LMSpec(ModelSpec):
 
     #: a GGUF file inside ``model_name_or_path`` (or give the ``.gguf`` path itself)
     gguf_file: str | None = None
-    #: cut this student from the (pretrained) teacher, keeping these layers ("every-other", [0, 2, 4])
-    layers_from_teacher: str | list[int] | None = None
+    #: cut this student from the (pretrained) teacher, keeping these layers: "every-other", "first-last",
+    #: [0, 2, 4], or "influence:N" (the N layers that change the hidden state most on the training text)
+    layers_from_teacher: LayerSelection | None = None
     #: "teacher": the kept layers keep the teacher's weights; "random": same shape, fresh weights
     init: Literal["teacher", "random"] = "teacher"
     #: the student's own tokenizer when it differs from the teacher's (distil with loss: uld)
@@ -279,13 +280,20 @@ class CausalLM:
         elif spec.model_name_or_path:
             model = load_causal_lm(spec.source(), spec.trust_remote_code)
         elif spec.layers_from_teacher is not None:
-            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher)
+            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher, self._calibration())
+            if self.cross:  # the student reads its own tokenizer: re-key the teacher's embeddings to it
+                transfer_vocabulary(model, self.teacher_tokenizer, self.tokenizer)
             if spec.init == "random":
                 model.init_weights()
         else:
             model = self._llama(spec)
         self._check_vocabulary(model, teacher=isinstance(spec, LMTeacherSpec))
         return model
+
+    def _calibration(self, count: int = 16, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+        """Training examples spread over the data, as the teacher reads them (for ``influence:N``)."""
+        examples = _spread(self.train_set, count)
+        return [collate(examples[i:i + batch_size]).teacher_inputs for i in range(0, len(examples), batch_size)]
 
     def _llama(self, spec: LMSpec) -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
