@@ -61,6 +61,8 @@ class TrainSpec(_Section):
     #: compute LM logits chunk by chunk inside the loss (losses.fused): true / false, or "auto" =
     #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
     fused_loss: Literal["auto"] | bool = "auto"
+    #: batch examples of similar length together (text of mixed lengths pads less; same order on resume)
+    group_by_length: bool = False
     #: save a checkpoint every N optimiser steps (0: only at the end of each epoch)
     checkpoint_every: int = Field(0, ge=0)
     seed: int = 0

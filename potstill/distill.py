@@ -165,7 +165,8 @@ class Run:
             return self.task.load_model(folder) if hasattr(self.task, "load_model") else load_model(folder)
         set_seed(spec.seed)  # the scratch and the distilled student start from the same weights
         build = self.task.build_model(model_spec)
-        loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed)
+        loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed,
+                             group_by_length=spec.group_by_length)
         engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
                         progress=self.progress, evaluate=self.task.evaluate,
                         on_checkpoint=self.write_log, rollout=rollout)

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +66,22 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same data."""
+    """A shuffled order that depends only on (seed, epoch), so a resumed run sees the same data.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    With ``lengths``, consecutive ``batch_size`` indices have similar lengths (less padding, as
+    Hugging Face's ``group_by_length``): the shuffled order is cut into pools of 50 batches, each
+    pool is sorted by length and cut into batches, and the full batches are shuffled (a short
+    last batch stays last, so every other batch stays whole).
+    """
+
+    POOL = 50
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, lengths: list[int] | None = None,
+                 batch_size: int = 1):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} examples")
+        self.lengths, self.batch_size = lengths, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -81,13 +93,39 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        pool, b = self.POOL * self.batch_size, self.batch_size
+        batches = []
+        for start in range(0, self.size, pool):
+            ranked = sorted(order[start:start + pool], key=lambda i: -self.lengths[i])
+            batches += [ranked[i:i + b] for i in range(0, len(ranked), b)]
+        short = [batches.pop()] if len(batches[-1]) < b else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
+        return iter([i for batch in shuffled for i in batch])
+
+
+def example_length(example: Any) -> int:
+    """The length of one training example, for grouping by length: a text's characters, or the
+    tokens of an encoded example (``ids`` / ``input_ids``); an (index, example) pair is its example's."""
+    if isinstance(example, tuple) and len(example) == 2 and isinstance(example[0], int):
+        return example_length(example[1])
+    if isinstance(example, str):
+        return len(example)
+    if isinstance(example, Mapping):
+        for key in ("ids", "input_ids"):
+            if key in example:
+                return len(example[key])
+    raise ValueError(f"field 'train.group_by_length': examples of type {type(example).__name__} have no length "
+                     "to group by (it works for text and token sequences)")
 
 
 def make_loader(dataset: Dataset, batch_size: int, collate: Callable[[list[Any]], Any], *,
-                seed: int = 0, shuffle: bool = True) -> DataLoader:
+                seed: int = 0, shuffle: bool = True, group_by_length: bool = False) -> DataLoader:
     """A data loader whose order is reproducible per epoch (see :class:`EpochSampler`)."""
-    sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+    lengths = [example_length(dataset[i]) for i in range(len(dataset))] if group_by_length else None  # type: ignore[arg-type]
+    sampler = EpochSampler(len(dataset), seed, shuffle, lengths, batch_size)  # type: ignore[arg-type]
     # its own generator: creating an iterator must not draw from the global RNG (dropout's)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed))
@@ -97,7 +135,10 @@ def make_optimizer(spec: TrainSpec, parameters: list[nn.Parameter]) -> torch.opt
     if spec.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=spec.learning_rate, momentum=spec.momentum,
                                weight_decay=spec.weight_decay)
-    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    # one fused kernel for the whole update where torch has it (CPU and CUDA floats): the same
+    # AdamW, ~7× faster a step than the per-tensor loop on CPU (BENCHMARKS.md)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
 
 
 def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer,

@@ -106,3 +106,26 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
     assert f"checkpoint {newest} is damaged" in out and "resumed from" in out
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_grouping_by_length_batches_similar_lengths_in_a_reproducible_order():
+    rng = torch.Generator().manual_seed(0)
+    texts = ["x" * int(n) for n in torch.randint(1, 200, (1000,), generator=rng)]
+    loader = make_loader(texts, 16, list, seed=3, group_by_length=True)
+    plain = make_loader(texts, 16, list, seed=3)
+
+    def epoch(loader, number):
+        loader.sampler.set_epoch(number)
+        return list(loader)
+
+    grouped = epoch(loader, 0)
+    assert sorted(t for batch in grouped for t in batch) == sorted(texts)  # every example once
+    assert [len(b) for b in grouped] == [16] * 62 + [8]  # whole batches, the short one last
+
+    def padding(batches):  # characters a collate would pad
+        return sum(max(map(len, b)) * len(b) - sum(map(len, b)) for b in batches)
+
+    assert padding(grouped) < 0.1 * padding(epoch(plain, 0))
+    assert epoch(loader, 0) == grouped and epoch(loader, 1) != grouped  # same (seed, epoch), same order
+    with pytest.raises(ValueError, match=r"group_by_length.*have no length"):
+        make_loader(data(), 8, list, group_by_length=True)
