@@ -20,7 +20,7 @@ from ..config import ModelSpec, Recipe, _Section
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
-from ..students import make_student
+from ..students import LayerSelection, make_student
 from .base import Batch
 from .lm_data import read_text
 
@@ -38,8 +38,9 @@ class SentencesData(_Section):
 
 
 class EncoderSpec(ModelSpec):
-    #: cut this student from the teacher, keeping these layers ("every-other", "first-last", [0, 2, 4])
-    layers_from_teacher: str | list[int] | None = None
+    #: cut this student from the teacher, keeping these layers ("every-other", "first-last", [0, 2, 4],
+    #: or "influence:N": the N layers that change the hidden state most on the training sentences)
+    layers_from_teacher: LayerSelection | None = None
     #: "teacher": the kept layers keep the teacher's weights; "random": same shape, fresh weights
     init: Literal["teacher", "random"] = "teacher"
     #: dropout probability of every dropout layer while training (null: the model's own, 0.1 for BERTs)
@@ -149,7 +150,8 @@ class SentenceEmbedding:
 
     def build_model(self, spec: EncoderSpec) -> nn.Module:
         if spec.layers_from_teacher is not None:
-            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher)
+            calibration = [self.collate(self.train_set[i:i + 32]).teacher_inputs for i in (0, 32)]
+            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher, calibration)
             if spec.init == "random":
                 model = type(model)(model.config)
         elif spec.model_name_or_path:
