@@ -64,11 +64,11 @@ STUDENT_CROSS = {
     # 5.5 M parameters: cheap enough for the CPU table
     "small": ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=256", "student.num_layers=4",
               "student.num_heads=4", "student.intermediate_size=768", "train.learning_rate=2e-3"],
-    # 64 M parameters, the same-tokenizer student's width and depth (81 M with its 49k vocabulary)
     # 58 M parameters: the same-tokenizer student (15 teacher layers) re-keyed to its own 8k BPE
     # (embeddings by vocabulary transfer), so it starts from the teacher's knowledge
     "from-teacher": ["student.tokenizer={vocab_size: 8192}", "student.layers_from_teacher=influence:15",
                      "train.learning_rate=5e-4"],
+    # 64 M parameters, the same-tokenizer student's width and depth (81 M with its 49k vocabulary)
     "similar": ["student.tokenizer={vocab_size: 8192}", "student.hidden_size=576", "student.num_layers=15",
                 "student.num_heads=9", "student.intermediate_size=1536", "train.learning_rate=1e-3",
                 "train.warmup_steps=50"],

@@ -62,8 +62,9 @@ def extra_sentences(text_dir: Path) -> list[str]:
 
 def augmented(sentences: list[str], copies: int, seed: int = 1) -> list[str]:
     """``copies`` perturbed versions of each sentence, cycling through three kinds: a contiguous crop
-    of 40-90% of its words, the sentence with 15% of its words dropped, and the sentence joined with
-    another one. More in-domain inputs for the teacher to label (the held-out set is in-domain too)."""
+    of 40-90% of its words (sentences of 4 words or fewer are joined with another one instead), the
+    sentence with 15% of its words dropped, and the sentence joined with another one. More in-domain
+    inputs for the teacher to label (the held-out set is in-domain too)."""
     rng = random.Random(seed)
     out = []
     for sentence in sentences:

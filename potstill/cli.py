@@ -43,7 +43,7 @@ def _init_student(args: argparse.Namespace) -> int:
     if args.stack:
         layers = {args.stack: args.layers}
     student = init_student(args.teacher, args.out, layers, trust_remote_code=args.trust_remote_code,
-                           calibration_text=args.calibration)
+                           calibration_file=args.calibration)
     print(f"student with {count_parameters(student):,} parameters saved to {args.out}")
     return 0
 

@@ -131,13 +131,15 @@ def make_loader(dataset: Dataset, batch_size: int, collate: Callable[[list[Any]]
                       generator=torch.Generator().manual_seed(seed))
 
 
-def make_optimizer(spec: TrainSpec, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(spec: TrainSpec, parameters: list[nn.Parameter], allow_fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW (or SGD) from the train spec. AdamW uses torch's fused kernel where it has one (CPU and
+    CUDA floats): the same update, 4-5× faster a step than the per-tensor loop on CPU (BENCHMARKS.md).
+    ``allow_fused=False`` under fp16 loss scaling: a fused step skips overflowed updates itself, so
+    accelerate cannot see the skip and would advance the learning-rate schedule anyway."""
     if spec.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=spec.learning_rate, momentum=spec.momentum,
                                weight_decay=spec.weight_decay)
-    # one fused kernel for the whole update where torch has it (CPU and CUDA floats): the same
-    # AdamW, ~7× faster a step than the per-tensor loop on CPU (BENCHMARKS.md)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+    fused = allow_fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
     return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
 
 
@@ -198,7 +200,7 @@ class Engine:
         accum = spec.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(loader) / accum)
         total_steps = spec.epochs * steps_per_epoch
-        optimizer = make_optimizer(spec, trainable)
+        optimizer = make_optimizer(spec, trainable, allow_fused=acc.mixed_precision != "fp16")
         scheduler = make_scheduler(spec, optimizer, total_steps)
         sampler = loader.sampler
         # the objective is not wrapped for DDP (it usually has no parameters); its projections'

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-SHAKESPEARE_SAMPLE = Path(__file__).parent / "data" / "text" / "shakespeare-sample.txt"
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
 
 
@@ -64,7 +63,7 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
     return stacks
 
 
-_INFLUENCE = re.compile(r"^influence:(\d+)$")
+_INFLUENCE = re.compile(r"^influence:([1-9]\d*)$")
 SELECTIONS = "every-other, first-last, influence:N (the N most influential layers), or a list such as 0,2,4"
 
 
@@ -114,22 +113,29 @@ def select_layers(size: int, selection: str | Sequence[int], influence: Sequence
     return layers
 
 
-def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, list[float]]:
-    """ShortGPT's Block Influence of every layer of every stack (Men et al. 2024): the mean over
-    real (unpadded) positions of ``1 − cos(h_in, h_out)``, the hidden state before and after the
-    layer, while ``model`` reads ``batches`` (its forward keyword arguments). A layer that barely
-    turns the hidden state scores near 0 and is the cheapest to drop."""
-    stacks = find_layer_stacks(model)
-    totals = {s.path: torch.zeros(s.size, dtype=torch.float64) for s in stacks}
-    counts = {s.path: torch.zeros(s.size, dtype=torch.float64) for s in stacks}
-    mask: list[Tensor | None] = [None]
+def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
+                    stacks: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """ShortGPT's Block Influence of every layer of the layer stacks (Men et al. 2024; all of them,
+    or those whose paths are in ``stacks``): the mean of ``1 − cos(h_in, h_out)``, the hidden state
+    before and after the layer, while ``model`` reads ``batches`` (its forward keyword arguments).
+    Positions the batch marks as padding (``attention_mask``; ``decoder_attention_mask`` in a
+    decoder stack) do not count. A layer that barely turns the hidden state scores near 0 and is
+    the cheapest to drop."""
+    from .models import evaluating
+    from .signals import _first_tensor
+
+    found = [s for s in find_layer_stacks(model) if stacks is None or s.path in stacks]
+    totals = {s.path: torch.zeros(s.size, dtype=torch.float64) for s in found}
+    counts = {s.path: torch.zeros(s.size, dtype=torch.float64) for s in found}
+    current: dict[str, Tensor] = {}
 
     def hook(path: str, index: int):
+        key = "decoder_attention_mask" if "decoder" in path.split(".") else "attention_mask"
+
         def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             before = args[0] if args else kwargs["hidden_states"]
-            after = output[0] if isinstance(output, (tuple, list)) else output
-            change = 1.0 - nn.functional.cosine_similarity(before.double(), after.double(), dim=-1)
-            keep = mask[0]
+            change = 1.0 - nn.functional.cosine_similarity(before.double(), _first_tensor(output).double(), dim=-1)
+            keep = current.get(key)
             if keep is not None and keep.shape == change.shape:
                 change = change[keep.bool().to(change.device)]
             totals[path][index] += change.sum().item()
@@ -137,17 +143,15 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -
         return record
 
     handles = [model.get_submodule(s.path)[i].register_forward_hook(hook(s.path, i), with_kwargs=True)
-               for s in stacks for i in range(s.size)]
-    was_training = model.training
+               for s in found for i in range(s.size)]
+    device = next(model.parameters()).device
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             for batch in batches:
-                mask[0] = batch.get("attention_mask")
-                device = next(model.parameters()).device
+                current.clear()
+                current.update(batch)
                 model(**{k: v.to(device) for k, v in batch.items()})
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     if any((c == 0).any() for c in counts.values()):
@@ -164,16 +168,14 @@ def make_student(teacher: nn.Module, layers: str | Sequence[int] | dict[str, str
     selections are measured on ``calibration`` (batches of the teacher's forward arguments, see
     :func:`block_influence`).
     """
-    influence = block_influence(teacher, calibration) if needs_calibration(layers) and calibration else {}
+    stacks = find_layer_stacks(teacher)
+    measured = [s.path for s in stacks if needs_calibration(_chosen(layers, s))]
+    influence = block_influence(teacher, calibration, measured) if measured and calibration is not None else {}
     student = copy.deepcopy(teacher)
-    stacks = find_layer_stacks(student)
     for stack in stacks:
-        if isinstance(layers, dict):
-            chosen = next((v for k, v in layers.items() if k == stack.path or k in stack.path.split(".")), None)
-            if chosen is None:
-                continue
-        else:
-            chosen = layers
+        chosen = _chosen(layers, stack)
+        if chosen is None:
+            continue
         keep = select_layers(stack.size, chosen, influence.get(stack.path))
         if needs_calibration(chosen):
             log.info("%s: keeping layers %s, the %d of %d with the highest block influence",
@@ -189,6 +191,13 @@ def make_student(teacher: nn.Module, layers: str | Sequence[int] | dict[str, str
         if unknown:
             raise ValueError(f"no layer stack named {unknown}; stacks: {', '.join(s.path for s in stacks)}")
     return student
+
+
+def _chosen(layers: Any, stack: LayerStack) -> Any:
+    """The selection for one stack: ``layers`` itself, or its entry naming the stack (None: keep all)."""
+    if not isinstance(layers, dict):
+        return layers
+    return next((v for k, v in layers.items() if k == stack.path or k in stack.path.split(".")), None)
 
 
 def _renumber(stack: nn.ModuleList) -> None:
@@ -211,43 +220,62 @@ def transfer_vocabulary(model: nn.Module, source_tokenizer: Any, target_tokenize
     """Re-key ``model`` (cut from a teacher that reads ``source_tokenizer``) to ``target_tokenizer``.
 
     A token both vocabularies hold (the same string: a byte, a special token, a whole word) keeps
-    the teacher's row; any other gets the mean of the embedding rows (and of the output-head rows,
-    when the head is not tied) of the tokens its text becomes under the teacher's tokenizer (fast
-    vocabulary transfer, Gee et al. 2022). So a student with a tokenizer of its own starts from the
+    the teacher's rows; any other gets the mean of the rows of the tokens its text becomes under
+    the teacher's tokenizer (fast vocabulary transfer, Gee et al. 2022) — in the embeddings, and in
+    an untied output head and its bias. So a student with a tokenizer of its own starts from the
     teacher's knowledge instead of from noise. Tokens that are neither (a part of a multi-byte
-    character in another alphabet) get the mean row; returns how many did.
+    character in another alphabet) get the mean row; returns how many did. The config's special
+    token ids become the new tokenizer's.
     """
-    embeddings = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embeddings.weight.data_ptr()
-    old_rows = {"embeddings": embeddings.weight.detach().clone()}
+    old = {"embeddings": embeddings.weight}
     if head is not None and not tied:
-        old_rows["head"] = head.weight.detach().clone()
+        old["head"] = head.weight
+    if head is not None and getattr(head, "bias", None) is not None:
+        old["bias"] = head.bias
     usable = min(len(source_tokenizer), embeddings.weight.shape[0])
+    old = {name: rows.detach()[:usable].clone() for name, rows in old.items()}
     source_vocab = source_tokenizer.get_vocab()
     pieces, fallback = [], 0
-    for token, raw in enumerate(target_tokenizer.convert_ids_to_tokens(list(range(len(target_tokenizer))))):
+    for raw in target_tokenizer.convert_ids_to_tokens(list(range(len(target_tokenizer)))):
         if source_vocab.get(raw, usable) < usable:  # the same token in both (a byte, a special token, a word)
             ids = [source_vocab[raw]]
         else:
-            text = target_tokenizer.decode([token])
+            text = _spelling(target_tokenizer, raw)
             ids = [] if "\ufffd" in text else [i for i in source_tokenizer.encode(text, add_special_tokens=False)
                                                  if i < usable]
         fallback += not ids
         pieces.append(ids)
-    model.resize_token_embeddings(len(target_tokenizer))
-    targets = {"embeddings": model.get_input_embeddings().weight}
-    if "head" in old_rows:
-        targets["head"] = model.get_output_embeddings().weight
+    model.resize_token_embeddings(len(target_tokenizer), mean_resizing=False)
+    new = {"embeddings": model.get_input_embeddings().weight}
+    if "head" in old:
+        new["head"] = model.get_output_embeddings().weight
+    if "bias" in old:
+        new["bias"] = model.get_output_embeddings().bias
     with torch.no_grad():
-        for name, weight in targets.items():
-            rows = old_rows[name][:usable]
-            mean = rows.mean(0)
+        for name, weight in new.items():
+            mean = old[name].mean(0)
             for token, ids in enumerate(pieces):
-                weight[token] = rows[ids].mean(0) if ids else mean
+                weight[token] = old[name][ids].mean(0) if ids else mean
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if config is not None and hasattr(config, field):
+                setattr(config, field, getattr(target_tokenizer, field))
     log.info("vocabulary transfer: %d tokens re-keyed from the teacher's %d (%d got the mean row)",
              len(pieces), len(source_tokenizer), fallback)
     return fallback
+
+
+def _spelling(tokenizer: Any, token: str) -> str:
+    """The text one token stands for, leading space included (SentencePiece's "▁" is a space;
+    decoding a lone piece would strip it)."""
+    from tokenizers import decoders
+
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if "\u2581" in token and not isinstance(decoder, decoders.ByteLevel):
+        return token.replace("\u2581", " ")
+    return tokenizer.convert_tokens_to_string([token])
 
 
 def text_calibration(tokenizer: Any, text: str, sequences: int = 16, length: int = 128,
@@ -263,12 +291,14 @@ def text_calibration(tokenizer: Any, text: str, sequences: int = 16, length: int
 
 
 def init_student(teacher_path: str | Path, out: str | Path, layers: str | Sequence[int] | dict,
-                 trust_remote_code: bool = False, calibration_text: str | Path | None = None) -> nn.Module:
+                 trust_remote_code: bool = False, calibration_file: str | Path | None = None) -> nn.Module:
     """Load a teacher (folder, hub name, ``.gguf`` file or offline name, see :mod:`potstill.pretrained`),
     cut it with :func:`make_student`, save the student (and the teacher's tokenizer).
 
-    ``"influence:N"`` selections read ``calibration_text`` (a text file; default: the Shakespeare
-    sample that ships with potstill) through the teacher's tokenizer."""
+    ``"influence:N"`` selections read ``calibration_file`` (text; default: the Shakespeare sample
+    that ships with potstill) through the teacher's tokenizer, so they need a text model; for
+    others (Whisper) call :func:`make_student` with batches of the model's own inputs."""
+    from .data import VENDORED_TEXT
     from .models import load_model, save_model
     from .pretrained import load_causal_lm, load_tokenizer, resolve
     from .tasks.lm_data import read_text
@@ -282,10 +312,11 @@ def init_student(teacher_path: str | Path, out: str | Path, layers: str | Sequen
         tokenizer = None  # a teacher folder without a tokenizer: nothing to copy
     calibration = None
     if needs_calibration(layers):
-        if tokenizer is None:
-            raise ValueError(f"layers {layers!r} are measured on text, but {teacher_path} has no tokenizer")
-        text = read_text(calibration_text or SHAKESPEARE_SAMPLE)
-        calibration = text_calibration(tokenizer, text)
+        if tokenizer is None or getattr(teacher.config, "is_encoder_decoder", False):
+            raise ValueError(f"layers {layers!r} are measured while the teacher reads text: {teacher_path} is not "
+                             "a text model with a tokenizer; call potstill.students.make_student with calibration "
+                             "batches of its own inputs")
+        calibration = text_calibration(tokenizer, read_text(calibration_file or VENDORED_TEXT))
     student = make_student(teacher, layers, calibration)
     save_model(student, out)
     if tokenizer is not None:

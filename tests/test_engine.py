@@ -126,6 +126,8 @@ def test_grouping_by_length_batches_similar_lengths_in_a_reproducible_order():
         return sum(max(map(len, b)) * len(b) - sum(map(len, b)) for b in batches)
 
     assert padding(grouped) < 0.1 * padding(epoch(plain, 0))
-    assert epoch(loader, 0) == grouped and epoch(loader, 1) != grouped  # same (seed, epoch), same order
+    assert epoch(loader, 1) != grouped
+    # a resumed run builds a new loader: the same (seed, epoch) gives the same batches
+    assert epoch(make_loader(texts, 16, list, seed=3, group_by_length=True), 0) == grouped
     with pytest.raises(ValueError, match=r"group_by_length.*have no length"):
         make_loader(data(), 8, list, group_by_length=True)

@@ -273,10 +273,11 @@ def test_real_smollm2_teacher_from_gguf_scores_a_sentence(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, logits, atol=1e-4)
     # half the layers: the 15 that turn the hidden state most on Shakespeare keep far more of the
-    # teacher than every other layer does (5.3 vs 2.6 bits/byte on WikiText-2, BENCHMARKS.md)
-    from potstill.students import SHAKESPEARE_SAMPLE, make_student, text_calibration
+    # teacher than every other layer does (BENCHMARKS.md, "Which layers to keep")
+    from potstill.data import VENDORED_TEXT as shakespeare
+    from potstill.students import make_student, text_calibration
 
-    calibration = text_calibration(tokenizer, read_text(SHAKESPEARE_SAMPLE), sequences=4, length=64)
+    calibration = text_calibration(tokenizer, read_text(shakespeare), sequences=4, length=64)
     text = tokenizer("The tower is 324 metres tall, about the same height as an 81-storey building, and the "
                      "tallest structure in Paris.", return_tensors="pt")["input_ids"]
 

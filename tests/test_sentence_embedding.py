@@ -56,3 +56,16 @@ def test_attention_terms_switch_the_encoders_to_eager_attention_and_dropout_can_
     batch = task.collate(task.eval_set[:3])
     maps = forward_signals(student, batch.student_inputs, ["attentions.1"])["attentions.1"]
     assert maps.shape[:2] == (3, 12) and torch.allclose(maps.sum(-1), torch.ones(maps.shape[:3]))
+
+
+def test_students_are_cut_from_a_handful_of_sentences():
+    from potstill.tasks.sentence_embedding import SentenceEmbedding
+
+    for layers, kept in (("every-other", [0, 2, 4]), ("influence:3", [0, 4, 5])):
+        recipe = load_recipe("minilm-distilbert-style", ["data.eval_size=10", "data.max_train=20",
+                                                         f"student.layers_from_teacher={layers}"])
+        task = SentenceEmbedding(recipe, progress=False)
+        student, teacher = task.build_model(recipe.student).model, task.build_model(recipe.teacher).model
+        for i, j in enumerate(kept):  # influence: MiniLM's first and its last two layers turn the state most
+            weight = teacher.encoder.layer[j].output.dense.weight
+            assert torch.equal(student.encoder.layer[i].output.dense.weight, weight)

@@ -12,7 +12,6 @@ from potstill.students import (
     find_layer_stacks,
     make_student,
     select_layers,
-    text_calibration,
     transfer_vocabulary,
 )
 
@@ -147,41 +146,56 @@ def test_influence_keeps_the_layers_that_do_something():
 
 
 def test_init_student_measures_influence_on_text(tmp_path):
-    from potstill.students import SHAKESPEARE_SAMPLE
+    from potstill.data import VENDORED_TEXT
     from potstill.tasks.lm_data import read_text, train_tokenizer
 
-    tokenizer = train_tokenizer([read_text(SHAKESPEARE_SAMPLE)], 300)
+    tokenizer = train_tokenizer([read_text(VENDORED_TEXT)], 300)
+    torch.manual_seed(0)
     teacher = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=4, **SMALL))
+        vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=4, initializer_range=0.2, **SMALL))
+    teacher.model.layers[1].self_attn.o_proj.weight.data.mul_(1e-3)  # layer 1 barely does anything
+    teacher.model.layers[1].mlp.down_proj.weight.data.mul_(1e-3)
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
+    for extra in ([], ["--calibration", str(tmp_path / "calibration.txt")]):
+        (tmp_path / "calibration.txt").write_text(read_text(VENDORED_TEXT)[-20_000:])
+        assert main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "influence:3",
+                     "--out", str(tmp_path / "student"), *extra]) == 0
+        student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+        for i, j in enumerate([0, 2, 3]):
+            assert torch.equal(student.model.layers[i].mlp.up_proj.weight, teacher.model.layers[j].mlp.up_proj.weight)
+    (tmp_path / "calibration.txt").write_text("too short")
     assert main(["init-student", "--teacher", str(tmp_path / "teacher"), "--layers", "influence:3",
-                 "--out", str(tmp_path / "student")]) == 0
-    influence = block_influence(teacher, text_calibration(tokenizer, read_text(SHAKESPEARE_SAMPLE)))["model.layers"]
-    kept = sorted(sorted(range(4), key=lambda i: -influence[i])[:3])
-    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
-    for i, j in enumerate(kept):
-        assert torch.equal(student.model.layers[i].mlp.up_proj.weight, teacher.model.layers[j].mlp.up_proj.weight)
+                 "--out", str(tmp_path / "other"), "--calibration", str(tmp_path / "calibration.txt")]) == 2
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_vocabulary_transfer_gives_each_new_token_the_teachers_rows_for_its_text(tied):
-    from potstill.students import SHAKESPEARE_SAMPLE
+@pytest.mark.parametrize("head", ["tied", "untied", "untied with bias"])
+def test_vocabulary_transfer_gives_each_new_token_the_teachers_rows_for_its_text(head):
+    from potstill.data import VENDORED_TEXT
     from potstill.tasks.lm_data import read_text, train_tokenizer
 
-    text = read_text(SHAKESPEARE_SAMPLE)
+    text = read_text(VENDORED_TEXT)
     teacher_tok, student_tok = train_tokenizer([text], 1000), train_tokenizer([text[: len(text) // 3]], 400)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(teacher_tok) + 24, num_hidden_layers=2, num_key_value_heads=4,  # 24 padding rows
-        tie_word_embeddings=tied, **SMALL))
+    if head == "untied with bias":  # Phi's output head has a bias
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(
+            vocab_size=len(teacher_tok) + 24, num_hidden_layers=2, tie_word_embeddings=False, **SMALL))
+        with torch.no_grad():
+            model.lm_head.bias.normal_()
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(teacher_tok) + 24, num_hidden_layers=2, num_key_value_heads=4,  # 24 padding rows
+            tie_word_embeddings=head == "tied", **SMALL))
     old_embeddings = model.get_input_embeddings().weight.detach().clone()
     old_head = model.get_output_embeddings().weight.detach().clone()
+    bias = model.get_output_embeddings().bias
+    old_bias = None if bias is None else bias.detach().clone()
     fallback = transfer_vocabulary(model, teacher_tok, student_tok)
     assert fallback == 0  # two byte-level BPEs: every token is shared or spelled by the teacher's
     assert model.config.vocab_size == len(student_tok) == model.get_output_embeddings().out_features
+    assert model.config.eos_token_id == student_tok.eos_token_id  # the student's own special ids
     new_embeddings, new_head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    assert (new_head.data_ptr() == new_embeddings.data_ptr()) == tied
+    assert (new_head.data_ptr() == new_embeddings.data_ptr()) == (head == "tied")
     teacher_vocab = teacher_tok.get_vocab()
     shared = spelled = 0
     for token, raw in enumerate(student_tok.convert_ids_to_tokens(list(range(len(student_tok))))):
@@ -192,6 +206,24 @@ def test_vocabulary_transfer_gives_each_new_token_the_teachers_rows_for_its_text
             assert len(pieces) > 1
         torch.testing.assert_close(new_embeddings[token], old_embeddings[pieces].mean(0))
         torch.testing.assert_close(new_head[token], old_head[pieces].mean(0))
+        if old_bias is not None:
+            torch.testing.assert_close(model.get_output_embeddings().bias[token], old_bias[pieces].mean(0))
     assert shared > 256 and spelled > 5  # both cases are exercised
     ids = torch.tensor([student_tok("To be, or not to be")["input_ids"]])
     assert model(input_ids=ids).logits.shape[-1] == len(student_tok)
+
+
+def test_a_sentencepiece_token_is_spelled_with_its_leading_space():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from potstill.students import _spelling
+
+    vocab = {"<unk>": 0, "\u2581the": 1, "the": 2, "\u2581": 3, "t": 4, "h": 5, "e": 6}
+    sp = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    sp.normalizer = normalizers.Replace(" ", "\u2581")
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()  # decoding "▁the" alone strips its space
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sp)
+    assert tokenizer.decode([1]) == "the"
+    assert _spelling(tokenizer, "\u2581the") == " the" and _spelling(tokenizer, "the") == "the"

@@ -1,1 +1,8 @@
-"""Loading real data sets into tensors."""
+"""Loading real data sets into tensors, and the samples that ship with potstill (licences beside them)."""
+
+from pathlib import Path
+
+#: Shakespeare (public domain): the default text of the causal-LM task and of influence calibration
+VENDORED_TEXT = Path(__file__).parent / "text" / "shakespeare-sample.txt"
+#: 2,000 sentence-polarity sentences (CC BY 4.0): the default data of the sentence-embedding task
+VENDORED_SENTENCES = Path(__file__).parent / "text" / "sentence-polarity-sample.txt"

@@ -23,12 +23,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import ModelSpec, Recipe, RecipeError, TrainSpec, _Section
+from ..data import VENDORED_TEXT
 from ..io import write_json
 from ..losses import IGNORE_INDEX, get_loss, kl_divergence
 from ..models import count_parameters, evaluating
 from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
-from ..students import LayerSelection, make_student, transfer_vocabulary
+from ..students import LayerSelection, make_student, needs_calibration, transfer_vocabulary
 from .base import Batch
 from .lm_data import (
     Encoder,
@@ -36,6 +37,7 @@ from .lm_data import (
     completion_tokens,
     read_pairs,
     read_text,
+    spread,
     teacher_view,
     text_chunks,
     train_tokenizer,
@@ -43,7 +45,6 @@ from .lm_data import (
 from .lm_generation import OnPolicy, teacher_generations
 
 log = logging.getLogger(__name__)
-VENDORED_TEXT = Path(__file__).parent.parent / "data" / "text" / "shakespeare-sample.txt"
 GENERATIONS = "teacher-generations.json"
 
 __all__ = ["CausalLM", "CausalLMRecipe"]
@@ -137,13 +138,6 @@ class CausalLMRecipe(Recipe):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
 
-def _spread(items: list[Any], count: int | None) -> list[Any]:
-    """``count`` items evenly spaced over the list (every file contributes), or all of them."""
-    if count is None or count >= len(items):
-        return items
-    return [items[i * len(items) // count] for i in range(count)]
-
-
 def _head_rows(model: nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return getattr(head, "out_features", None)
@@ -172,8 +166,8 @@ class CausalLM:
         if not eval_sources:
             n_eval = max(1, round(len(train_sources) * data.eval_fraction))
             train_sources, eval_sources = train_sources[:-n_eval], train_sources[-n_eval:]
-        train_sources, eval_sources = _spread(train_sources, data.max_train_examples), \
-            _spread(eval_sources, data.max_eval_examples)
+        train_sources, eval_sources = spread(train_sources, data.max_train_examples), \
+            spread(eval_sources, data.max_eval_examples)
         self.encode = Encoder(self.tokenizer, self.teacher_tokenizer if self.cross else None, max_length,
                               data.alignment)
         self.train_sources = train_sources
@@ -280,7 +274,8 @@ class CausalLM:
         elif spec.model_name_or_path:
             model = load_causal_lm(spec.source(), spec.trust_remote_code)
         elif spec.layers_from_teacher is not None:
-            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher, self._calibration())
+            calibration = self.calibration() if needs_calibration(spec.layers_from_teacher) else None
+            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher, calibration)
             if self.cross:  # the student reads its own tokenizer: re-key the teacher's embeddings to it
                 transfer_vocabulary(model, self.teacher_tokenizer, self.tokenizer)
             if spec.init == "random":
@@ -290,9 +285,9 @@ class CausalLM:
         self._check_vocabulary(model, teacher=isinstance(spec, LMTeacherSpec))
         return model
 
-    def _calibration(self, count: int = 16, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    def calibration(self, count: int = 16, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
         """Training examples spread over the data, as the teacher reads them (for ``influence:N``)."""
-        examples = _spread(self.train_set, count)
+        examples = spread(self.train_set, count)
         return [collate(examples[i:i + batch_size]).teacher_inputs for i in range(0, len(examples), batch_size)]
 
     def _llama(self, spec: LMSpec) -> nn.Module:

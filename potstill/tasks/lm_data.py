@@ -35,6 +35,13 @@ EOS = "<|endoftext|>"
 Source = tuple[str | list[dict[str, str]], str]
 
 
+def spread(items: list[Any], count: int | None) -> list[Any]:
+    """``count`` items evenly spaced over the list (every file contributes), or all of them."""
+    if count is None or count >= len(items):
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def read_text(path: str | Path) -> str:
     """A text file as str: UTF-8, or Latin-1 for the older files that are not (with a log line)."""
     raw = Path(path).read_bytes()

@@ -17,14 +17,13 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
+from ..data import VENDORED_SENTENCES
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
-from ..students import LayerSelection, make_student
+from ..students import LayerSelection, make_student, needs_calibration
 from .base import Batch
-from .lm_data import read_text
-
-VENDORED_SENTENCES = Path(__file__).parent.parent / "data" / "text" / "sentence-polarity-sample.txt"
+from .lm_data import read_text, spread
 
 
 class SentencesData(_Section):
@@ -150,8 +149,8 @@ class SentenceEmbedding:
 
     def build_model(self, spec: EncoderSpec) -> nn.Module:
         if spec.layers_from_teacher is not None:
-            calibration = [self.collate(self.train_set[i:i + 32]).teacher_inputs for i in (0, 32)]
-            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher, calibration)
+            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher,
+                                 self.calibration() if needs_calibration(spec.layers_from_teacher) else None)
             if spec.init == "random":
                 model = type(model)(model.config)
         elif spec.model_name_or_path:
@@ -169,6 +168,11 @@ class SentenceEmbedding:
         if any(attention_signal(name) for f in features for name in (f.student, f.teacher)):
             model.set_attn_implementation("eager")  # attention maps as signals: fused kernels never form them
         return SentenceEncoder(model)
+
+    def calibration(self, count: int = 64, batch_size: int = 32) -> list[dict[str, Tensor]]:
+        """Training sentences spread over the data, as the teacher reads them (for ``influence:N``)."""
+        sentences = spread(self.train_set, count)
+        return [self.collate(sentences[i:i + batch_size]).teacher_inputs for i in range(0, len(sentences), batch_size)]
 
     def load_model(self, folder: Path) -> nn.Module:
         return SentenceEncoder(self._pretrained(str(folder)))
