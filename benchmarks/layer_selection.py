@@ -43,7 +43,7 @@ def smollm2(args: argparse.Namespace) -> list[dict]:
     recipe = load_recipe("tiny-lm", [*llm_distill.common(bench, 0), *llm_distill.STUDENT_SAME])
     task = TASKS["causal-lm"](recipe, progress=False)
     teacher = task.pretrained_teacher().eval()
-    influence = block_influence(teacher, task._calibration())["model.layers"]
+    influence = block_influence(teacher, task.calibration())["model.layers"]
     rows = [{"model": "SmolLM2-135M-Instruct", "layers": "all 30", "kept": list(range(30)),
              **task._scores({"m": teacher})["m"]}]
     for name, selection in SMOLLM2_CUTS.items():
@@ -61,8 +61,7 @@ def minilm(args: argparse.Namespace) -> list[dict]:
     task = TASKS["sentence-embedding"](recipe, progress=False)
     teacher = task._pretrained(task.teacher_path).eval()
     target, _ = task.embed(SentenceEncoder(teacher), held_out)
-    calibration = [task.collate(task.train_set[i:i + 32]).teacher_inputs for i in (0, 32)]
-    influence = block_influence(teacher, calibration)["encoder.layer"]
+    influence = block_influence(teacher, task.calibration())["encoder.layer"]
     chosen = select_layers(6, "influence:3", influence)
     rows = []
     for kept in itertools.combinations(range(6), 3):

@@ -21,13 +21,13 @@ import argparse
 import json
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from potstill.config import load_recipe
 from potstill.distill import HISTORY, distill
+from potstill.io import write_text
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POLARITY = SHARED / "text-classification" / "sentence_polarity"
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--rows", choices=["all", "from-teacher", "random-init"], default="all",
                         help="which distilled students to train (run the two in parallel on a GPU)")
     parser.add_argument("--runs", default="runs/bench-minilm")
+    parser.add_argument("--resume", action="store_true", help="continue runs killed part-way (their checkpoints)")
     parser.add_argument("--out", default="benchmarks/results/minilm_distill.json")
     args = parser.parse_args()
     if args.threads:
@@ -108,21 +109,22 @@ def main() -> None:
     train = [s for s in train if s and s not in unseen]
     random.Random(0).shuffle(train)
     train = train[: args.max_train] if args.max_train else train
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-        f.write("\n".join(train + held_out) + "\n")  # the recipe holds out the last eval_size lines
-    common = [f"data.files=[{f.name}]", f"data.eval_size={EVAL_SIZE}", *args.set]
     runs = Path(args.runs)
+    # a fixed path (same content for the same arguments), so that --resume finds the same recipe
+    transfer = runs / "transfer-set.txt"
+    write_text(transfer, "\n".join(train + held_out) + "\n")  # the recipe holds out the last eval_size lines
+    common = [f"data.files=[{transfer.resolve()}]", f"data.eval_size={EVAL_SIZE}", *args.set]
     recipe = load_recipe("minilm-distilbert-style", common)
     rows: dict[str, dict] = {}
     curve: list[float] = []
     if args.rows in ("all", "from-teacher"):
-        from_teacher = distill(recipe, runs / "from-teacher", progress=False, overwrite=True)
+        from_teacher = distill(recipe, runs / "from-teacher", progress=False, overwrite=not args.resume)
         rows.update(from_teacher.metrics["models"])
         history = json.loads((from_teacher.run_dir / "student" / HISTORY).read_text())
         curve = [round(h["eval_spearman"], 4) for h in history if "eval_spearman" in h]
     if args.rows in ("all", "random-init"):
         random_init = distill(load_recipe("minilm-distilbert-style", [*common, "student.init=random"]),
-                              runs / "random-init", progress=False, overwrite=True)
+                              runs / "random-init", progress=False, overwrite=not args.resume)
         rows.setdefault("teacher", random_init.metrics["models"]["teacher"])
         rows["random init, distilled"] = random_init.metrics["models"]["student"]
     teacher_speed = rows["teacher"]["sentences_per_second"]
