@@ -6,10 +6,11 @@ safetensors folder under benchmarks/.cache). Train on Shakespeare + State of the
 (examples × block size × epochs); on-policy batches count their generated tokens in it.
 
 1. the teacher's held-out bits per byte;
-2. same tokenizer: a student with every other teacher layer (15 of 30, initialised from it),
+2. same tokenizer: a student of 15 of the teacher's 30 layers (``influence:15``, initialised from it),
    trained with CE only, forward KL, reverse KL, JSD(0.5) (pure distillation, α = 1), reverse
    KL and JSD(0.5) mixed with CE (α = 0.5), and on-policy JSD(0.5) (λ = 0.5, α = 1, as GKD);
-3. different tokenizer: a small Llama with a byte-level BPE trained on the corpus, trained with
+3. different tokenizer: a student with a byte-level BPE trained on the corpus (``--cross-student``:
+   a small Llama from scratch, or the same 15 teacher layers re-keyed to the BPE), trained with
    CE only, sequence-level KD, ULD + CE (the paper's position alignment), ULD + CE aligned by
    byte offsets.
 
@@ -196,8 +197,8 @@ def main() -> None:
 
 def summary(rows: list[dict]) -> str:
     """Markdown table: mean ± std over seeds of held-out bits per byte, and training throughput."""
-    lines = ["| table | method | seeds | bits/byte (mean ± std) | bits/char | agreement | train tokens/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| table | method | seeds | bits/byte (mean ± std) | minus CE, per seed | bits/char | agreement "
+             "| train tokens/s |", "|---|---|---|---|---|---|---|---|"]
     def label(row: dict) -> str:  # the cross-tokenizer table once per student size
         size = row.get("cross_student", "small")
         return row["table"] if row["table"] == "same" or size == "small" else f"cross ({size} student)"
@@ -206,14 +207,19 @@ def summary(rows: list[dict]) -> str:
         group = [r for r in rows if label(r) == table]
         if group:
             teacher = statistics.mean(r["teacher_bits_per_byte"] for r in group)
-            lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — |")
+            lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — | — |")
+        # seeds differ in data order only: a method is compared with CE on the same seed
+        ce = {r["seed"]: r["bits_per_byte"] for r in group if r["name"] == "ce"}
         for name in dict.fromkeys(r["name"] for r in group):
             runs = [r for r in group if r["name"] == name]
             bpb = [r["bits_per_byte"] for r in runs]
             spread = f" ± {statistics.stdev(bpb):.3f}" if len(bpb) > 1 else ""
             agree = f"{statistics.mean(r['agreement'] for r in runs):.3f}" if "agreement" in runs[0] else "—"
             rate = statistics.mean(r["train_tokens"] / r["train_seconds"] for r in runs)
-            lines.append(f"| {table} | {name} | {len(runs)} | {statistics.mean(bpb):.3f}{spread} | "
+            gains = [r["bits_per_byte"] - ce[r["seed"]] for r in runs if r["seed"] in ce]
+            gain = "—" if name == "ce" or not gains else f"{statistics.mean(gains):+.3f}" + (
+                f" ± {statistics.stdev(gains):.3f} ({len(gains)})" if len(gains) > 1 else "")
+            lines.append(f"| {table} | {name} | {len(runs)} | {statistics.mean(bpb):.3f}{spread} | {gain} | "
                          f"{statistics.mean(r['bits_per_char'] for r in runs):.3f} | {agree} | {rate:.0f} |")
     return "\n".join(lines)
 

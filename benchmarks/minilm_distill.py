@@ -1,7 +1,7 @@
 """DistilBERT-style distillation of the real all-MiniLM-L6-v2 into 3 of its 6 layers.
 
 Rows on 1,000 held-out sentence-polarity sentences: the teacher; the 3-layer student cut from
-it (every other layer) and distilled; the same student not distilled; a randomly initialised
+it (the recipe's influence:3 layers, 0, 4, 5) and distilled; the same student not distilled; a randomly initialised
 3-layer student distilled the same way. Metrics: mean cosine to the teacher's embeddings,
 Spearman correlation of the 499,500 pairwise cosine similarities, top-10 neighbour overlap,
 forward speed (sentences/s, tokenisation excluded).
