@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,17 +159,23 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     return {path: (totals[path] / counts[path]).tolist() for path in totals}
 
 
+Calibration = Iterable[Mapping[str, Tensor]]
+
+
 def make_student(teacher: nn.Module, layers: str | Sequence[int] | dict[str, str | Sequence[int]],
-                 calibration: Iterable[Mapping[str, Tensor]] | None = None) -> nn.Module:
+                 calibration: Calibration | Callable[[], Calibration] | None = None) -> nn.Module:
     """A copy of ``teacher`` keeping only the chosen layers of its stacks.
 
     ``layers`` applies to every stack, or is a dict from stack path (or a word in it, such as
     ``"decoder"``) to a selection; stacks not named keep all their layers. ``"influence:N"``
     selections are measured on ``calibration`` (batches of the teacher's forward arguments, see
-    :func:`block_influence`).
+    :func:`block_influence`), or on what it returns when it is a function: it is then called only
+    when a selection needs it, so callers need not check.
     """
     stacks = find_layer_stacks(teacher)
     measured = [s.path for s in stacks if needs_calibration(_chosen(layers, s))]
+    if measured and callable(calibration):
+        calibration = calibration()
     influence = block_influence(teacher, calibration, measured) if measured and calibration is not None else {}
     student = copy.deepcopy(teacher)
     for stack in stacks:
@@ -310,14 +316,12 @@ def init_student(teacher_path: str | Path, out: str | Path, layers: str | Sequen
         tokenizer = load_tokenizer(source, trust_remote_code)
     except (OSError, ValueError):
         tokenizer = None  # a teacher folder without a tokenizer: nothing to copy
-    calibration = None
-    if needs_calibration(layers):
-        if tokenizer is None or getattr(teacher.config, "is_encoder_decoder", False):
-            raise ValueError(f"layers {layers!r} are measured while the teacher reads text: {teacher_path} is not "
-                             "a text model with a tokenizer; call potstill.students.make_student with calibration "
-                             "batches of its own inputs")
-        calibration = text_calibration(tokenizer, read_text(calibration_file or VENDORED_TEXT))
-    student = make_student(teacher, layers, calibration)
+    if needs_calibration(layers) and (tokenizer is None or getattr(teacher.config, "is_encoder_decoder", False)):
+        raise ValueError(f"layers {layers!r} are measured while the teacher reads text: {teacher_path} is not "
+                         "a text model with a tokenizer; call potstill.students.make_student with calibration "
+                         "batches of its own inputs")
+    student = make_student(teacher, layers,
+                           lambda: text_calibration(tokenizer, read_text(calibration_file or VENDORED_TEXT)))
     save_model(student, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

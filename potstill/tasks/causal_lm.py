@@ -29,7 +29,7 @@ from ..losses import IGNORE_INDEX, get_loss, kl_divergence
 from ..models import count_parameters, evaluating
 from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
-from ..students import LayerSelection, make_student, needs_calibration, transfer_vocabulary
+from ..students import LayerSelection, make_student, transfer_vocabulary
 from .base import Batch
 from .lm_data import (
     Encoder,
@@ -274,8 +274,7 @@ class CausalLM:
         elif spec.model_name_or_path:
             model = load_causal_lm(spec.source(), spec.trust_remote_code)
         elif spec.layers_from_teacher is not None:
-            calibration = self.calibration() if needs_calibration(spec.layers_from_teacher) else None
-            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher, calibration)
+            model = make_student(self.pretrained_teacher(), spec.layers_from_teacher, self.calibration)
             if self.cross:  # the student reads its own tokenizer: re-key the teacher's embeddings to it
                 transfer_vocabulary(model, self.teacher_tokenizer, self.tokenizer)
             if spec.init == "random":

@@ -21,7 +21,7 @@ from ..data import VENDORED_SENTENCES
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
-from ..students import LayerSelection, make_student, needs_calibration
+from ..students import LayerSelection, make_student
 from .base import Batch
 from .lm_data import read_text, spread
 
@@ -149,8 +149,7 @@ class SentenceEmbedding:
 
     def build_model(self, spec: EncoderSpec) -> nn.Module:
         if spec.layers_from_teacher is not None:
-            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher,
-                                 self.calibration() if needs_calibration(spec.layers_from_teacher) else None)
+            model = make_student(self._pretrained(self.teacher_path), spec.layers_from_teacher, self.calibration)
             if spec.init == "random":
                 model = type(model)(model.config)
         elif spec.model_name_or_path:
