@@ -13,6 +13,10 @@ copies of the polarity sentences. No held-out sentence is trained on. The object
 recipe's (``recipes/minilm-distilbert-style.yaml``); any recipe field can be overridden with ``--set``.
 
     python benchmarks/minilm_distill.py --out benchmarks/results/minilm_distill.json
+
+``--score RUN_DIR`` trains nothing: it scores that run's student on the held-out sentences and on
+as many sentences of its own transfer set (polarity, and WikiText-2 / State of the Union), which
+tells memorisation (training sentences fit far better) from missing capacity (both fit alike).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 
 from potstill.config import load_recipe
 from potstill.distill import HISTORY, distill
-from potstill.io import write_text
+from potstill.io import write_json, write_text
+from potstill.tasks.sentence_embedding import SentenceEmbedding, geometry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POLARITY = SHARED / "text-classification" / "sentence_polarity"
@@ -46,15 +51,21 @@ def sentences_of(text: str, min_words: int = 4) -> list[str]:
     return [s for s in _SENTENCE_END.split(" ".join(text.split())) if len(s.split()) >= min_words]
 
 
-def extra_sentences(text_dir: Path) -> list[str]:
-    """WikiText-2 validation paragraphs (headings dropped) and State of the Union addresses, as sentences."""
+def wikitext_sentences(path: Path) -> list[str]:
+    """A WikiText-2 split's paragraphs (headings dropped, ``@-@`` joins undone), as sentences."""
     out: list[str] = []
-    for line in (text_dir / "wikitext2-valid.txt").read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("="):
             for joined, plain in _WIKITEXT_JOINS.items():
                 line = line.replace(joined, plain)
             out += sentences_of(line)
+    return out
+
+
+def extra_sentences(text_dir: Path) -> list[str]:
+    """WikiText-2 validation paragraphs (headings dropped) and State of the Union addresses, as sentences."""
+    out = wikitext_sentences(text_dir / "wikitext2-valid.txt")
     for path in sorted((text_dir / "state_union").glob("*.txt")):
         out += sentences_of(path.read_text(encoding="latin-1"))  # some files are Latin-1 (see the data README)
     return out
@@ -81,6 +92,22 @@ def augmented(sentences: list[str], copies: int, seed: int = 1) -> list[str]:
     return out
 
 
+def score(run_dir: Path, count: int = EVAL_SIZE) -> dict[str, dict[str, float]]:
+    """Geometry of ``run_dir``'s student against its teacher on held-out and on seen sentences."""
+    task = SentenceEmbedding(load_recipe(run_dir / "recipe.yaml"), progress=False)
+    held_out = set(task.eval_set)
+    seen = [s for s in task.train_set if s not in held_out]
+    in_domain, other = set(polarity(POLARITY)), set(extra_sentences(SHARED / "text"))
+    samples = {"held out (polarity)": task.eval_set,
+               "seen (polarity)": [s for s in seen if s in in_domain][:count],
+               "seen (WikiText-2 / State of the Union)": [s for s in seen if s in other][:count]}
+    teacher = task.build_model(task.recipe.teacher)
+    student = task.load_model(run_dir / "student")
+    return {name: {"sentences": len(sentences),
+                   **geometry(task.embed(student, sentences)[0], task.embed(teacher, sentences)[0])}
+            for name, sentences in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(POLARITY))
@@ -96,10 +123,20 @@ def main() -> None:
                         help="which distilled students to train (run the two in parallel on a GPU)")
     parser.add_argument("--runs", default="runs/bench-minilm")
     parser.add_argument("--resume", action="store_true", help="continue runs killed part-way (their checkpoints)")
+    parser.add_argument("--score", metavar="RUN_DIR", default=None,
+                        help="train nothing: score RUN_DIR's student on held-out and on seen sentences")
     parser.add_argument("--out", default="benchmarks/results/minilm_distill.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.score:
+        rows = score(Path(args.score))
+        write_json(Path(args.out), {"run": args.score, "rows": rows})
+        print("| sentences | count | cosine to teacher | Spearman | top-10 overlap |\n|---|---|---|---|---|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['sentences']} | {r['cosine_to_teacher']:.3f} | {r['spearman']:.3f} | "
+                  f"{r['top10_overlap']:.3f} |")
+        return
 
     labelled = polarity(Path(args.data))
     held_out = labelled[-EVAL_SIZE:]
