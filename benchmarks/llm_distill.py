@@ -210,7 +210,9 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — | — |")
         # seeds differ in data order only: a method is compared with CE on the same seed
         ce = {r["seed"]: r["bits_per_byte"] for r in group if r["name"] == "ce"}
-        for name in dict.fromkeys(r["name"] for r in group):
+        listed = [*SAME, *CROSS]  # methods in the order the script defines them, CE first
+        names = dict.fromkeys(r["name"] for r in group)
+        for name in sorted(names, key=lambda n: listed.index(n) if n in listed else len(listed)):
             runs = [r for r in group if r["name"] == name]
             bpb = [r["bits_per_byte"] for r in runs]
             spread = f" ± {statistics.stdev(bpb):.3f}" if len(bpb) > 1 else ""
