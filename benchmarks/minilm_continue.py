@@ -41,8 +41,8 @@ def main() -> None:
     lines = (runs / "transfer-set.txt").read_text(encoding="utf-8").splitlines()
     seen, held_out = lines[:-EVAL_SIZE], lines[-EVAL_SIZE:]
     if args.data == "unseen":
-        excluded = set(seen) | set(held_out)
-        in_domain = [s for s in polarity(POLARITY)[:-EVAL_SIZE] if s and s not in set(held_out)]
+        held, excluded = set(held_out), set(seen) | set(held_out)
+        in_domain = [s for s in polarity(POLARITY)[:-EVAL_SIZE] if s and s not in held]
         fresh = augmented(in_domain, 3, seed=2) + wikitext_sentences(SHARED / "text" / "wikitext2-test.txt")
         train = [s for s in fresh if s not in excluded]
     else:

@@ -16,7 +16,7 @@ recipe's (``recipes/minilm-distilbert-style.yaml``); any recipe field can be ove
 
 ``--score RUN_DIR`` trains nothing: it scores that run's student on the held-out sentences and on
 as many sentences of its own transfer set (polarity, and WikiText-2 / State of the Union), which
-tells memorisation (training sentences fit far better) from missing capacity (both fit alike).
+tells a generalisation gap (seen sentences fit far better) from missing capacity (both fit alike).
 """
 
 from __future__ import annotations
@@ -92,12 +92,12 @@ def augmented(sentences: list[str], copies: int, seed: int = 1) -> list[str]:
     return out
 
 
-def score(run_dir: Path, count: int = EVAL_SIZE) -> dict[str, dict[str, float]]:
+def score(run_dir: Path, data: Path, text_dir: Path, count: int = EVAL_SIZE) -> dict[str, dict[str, float]]:
     """Geometry of ``run_dir``'s student against its teacher on held-out and on seen sentences."""
     task = SentenceEmbedding(load_recipe(run_dir / "recipe.yaml"), progress=False)
     held_out = set(task.eval_set)
     seen = [s for s in task.train_set if s not in held_out]
-    in_domain, other = set(polarity(POLARITY)), set(extra_sentences(SHARED / "text"))
+    in_domain, other = set(polarity(data)), set(extra_sentences(text_dir))
     samples = {"held out (polarity)": task.eval_set,
                "seen (polarity)": [s for s in seen if s in in_domain][:count],
                "seen (WikiText-2 / State of the Union)": [s for s in seen if s in other][:count]}
@@ -130,7 +130,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.score:
-        rows = score(Path(args.score))
+        rows = score(Path(args.score), Path(args.data), Path(args.extra or SHARED / "text"))
         write_json(Path(args.out), {"run": args.score, "rows": rows})
         print("| sentences | count | cosine to teacher | Spearman | top-10 overlap |\n|---|---|---|---|---|")
         for name, r in rows.items():
