@@ -203,6 +203,8 @@ def summary(rows: list[dict]) -> str:
         size = row.get("cross_student", "small")
         return row["table"] if row["table"] == "same" or size == "small" else f"cross ({size} student)"
 
+    listed = [*SAME, *CROSS]  # methods in the order the script defines them, CE first
+
     for table in dict.fromkeys(label(r) for r in sorted(rows, key=lambda r: (r["table"] != "same", label(r)))):
         group = [r for r in rows if label(r) == table]
         if group:
@@ -210,7 +212,6 @@ def summary(rows: list[dict]) -> str:
             lines.append(f"| {table} | teacher (SmolLM2-135M-Instruct) | — | {teacher:.3f} | — | — | — | — |")
         # seeds differ in data order only: a method is compared with CE on the same seed
         ce = {r["seed"]: r["bits_per_byte"] for r in group if r["name"] == "ce"}
-        listed = [*SAME, *CROSS]  # methods in the order the script defines them, CE first
         names = dict.fromkeys(r["name"] for r in group)
         for name in sorted(names, key=lambda n: listed.index(n) if n in listed else len(listed)):
             runs = [r for r in group if r["name"] == name]
