@@ -17,6 +17,8 @@ recipe's (``recipes/minilm-distilbert-style.yaml``); any recipe field can be ove
 ``--score RUN_DIR`` trains nothing: it scores that run's student on the held-out sentences and on
 as many sentences of its own transfer set (polarity, and WikiText-2 / State of the Union), which
 tells a generalisation gap (seen sentences fit far better) from missing capacity (both fit alike).
+``--in-domain N --views V`` trains on the first N polarity sentences at a fixed budget of V sentence
+views: a point of the data-scaling curve in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -116,6 +118,11 @@ def main() -> None:
     parser.add_argument("--augment", type=int, default=3,
                         help="perturbed copies of each polarity training sentence added to the transfer set")
     parser.add_argument("--max-train", type=int, default=None, help="subsample the transfer set (exploration)")
+    parser.add_argument("--in-domain", type=int, default=None, metavar="N",
+                        help="keep only the first N training polarity sentences (a data-scaling curve)")
+    parser.add_argument("--views", type=int, default=None, metavar="V",
+                        help="cycle the transfer set, reshuffled each pass, to exactly V sentences: the same "
+                             "step budget whatever its size (with train.epochs=1)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="recipe override, e.g. --set train.epochs=1 (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -141,11 +148,14 @@ def main() -> None:
     labelled = polarity(Path(args.data))
     held_out = labelled[-EVAL_SIZE:]
     unseen = set(held_out)
-    in_domain = [s for s in labelled[:-EVAL_SIZE] if s and s not in unseen]
+    in_domain = [s for s in labelled[:-EVAL_SIZE] if s and s not in unseen][: args.in_domain]
     train = in_domain + (extra_sentences(Path(args.extra)) if args.extra else []) + augmented(in_domain, args.augment)
     train = [s for s in train if s and s not in unseen]
     random.Random(0).shuffle(train)
     train = train[: args.max_train] if args.max_train else train
+    if args.views:
+        passes = [random.Random(1 + n).sample(train, len(train)) for n in range(-(-args.views // len(train)))]
+        train = [s for one_pass in passes for s in one_pass][: args.views]
     runs = Path(args.runs)
     # a fixed path (same content for the same arguments), so that --resume finds the same recipe
     transfer = runs / "transfer-set.txt"
@@ -168,7 +178,8 @@ def main() -> None:
     for row in rows.values():
         row["speedup"] = row["sentences_per_second"] / teacher_speed
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"device": device, "train_sentences": len(train), "augment": args.augment, "eval_sentences": EVAL_SIZE,
+    result = {"device": device, "train_sentences": len(train), "in_domain": len(in_domain),
+              "views": args.views, "augment": args.augment, "eval_sentences": EVAL_SIZE,
               "epochs": recipe.train.epochs, "overrides": args.set, "extra_data": bool(args.extra),
               "distillation": recipe.distillation.model_dump(),
               "student": recipe.student.model_dump(), "train": recipe.train.model_dump(), "rows": rows}
