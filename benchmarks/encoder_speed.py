@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from potstill.config import load_recipe
+from potstill.recipes import load_recipe
 from potstill.tasks import TASKS
 
 

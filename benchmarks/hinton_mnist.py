@@ -19,8 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
-from potstill.config import load_recipe
 from potstill.distill import distill
+from potstill.recipes import load_recipe
 
 PAPER = {"teacher": 67, "scratch": 146, "student": 74}
 

@@ -22,7 +22,7 @@ import llm_distill
 import minilm_distill
 import torch
 
-from potstill.config import load_recipe
+from potstill.recipes import load_recipe
 from potstill.students import block_influence, make_student, select_layers
 from potstill.tasks import TASKS
 from potstill.tasks.sentence_embedding import SentenceEncoder, geometry

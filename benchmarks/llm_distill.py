@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from potstill.config import load_recipe
 from potstill.distill import distill
 from potstill.pretrained import SMOLLM2, load_causal_lm, load_tokenizer, resolve
+from potstill.recipes import load_recipe
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 CACHE = Path(__file__).parent / ".cache"

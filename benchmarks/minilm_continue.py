@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from minilm_distill import EVAL_SIZE, POLARITY, SHARED, augmented, polarity, wikitext_sentences
 
-from potstill.config import load_recipe
 from potstill.distill import distill
 from potstill.io import write_json, write_text
+from potstill.recipes import load_recipe
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from potstill.config import load_recipe
 from potstill.distill import HISTORY, distill
 from potstill.io import write_json, write_text
+from potstill.recipes import load_recipe
 from potstill.tasks.sentence_embedding import SentenceEmbedding, geometry
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -27,10 +27,11 @@ import torch
 from accelerate import Accelerator
 
 from potstill import Objective
-from potstill.config import TrainSpec, load_recipe
+from potstill.config import TrainSpec
 from potstill.engine import Engine, make_loader
 from potstill.losses import get_loss, sparse_loss, top_k
 from potstill.models import count_parameters
+from potstill.recipes import load_recipe
 from potstill.students import make_student
 from potstill.tasks import TASKS
 from potstill.teachers import CachedTeacher, IndexedDataset, indexed_collate, write_cache

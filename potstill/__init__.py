@@ -1,7 +1,8 @@
 """potstill: knowledge distillation — train a small student to reproduce a large teacher."""
 
-from .config import Recipe, RecipeError, load_recipe
+from .config import Recipe, RecipeError
 from .objective import Objective, Term
+from .recipes import load_recipe
 
 __version__ = "0.1.0"
 

@@ -3,17 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 
 from .config import RecipeError
 from .teachers import CacheMismatch
 
 
+class _ConsoleFormat(logging.Formatter):
+    """``potstill: message`` for INFO, ``potstill: warning: message`` above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"potstill: {level}{record.getMessage()}"
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not when the handler was made)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def _console_logging() -> None:
+    """Let potstill's INFO and WARNING lines (files read as Latin-1, truncated sequences, rebuilt
+    cache shards, …) reach the user on stderr."""
+    logger = logging.getLogger("potstill")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_ConsoleFormat())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def _distill(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from .config import load_recipe
     from .distill import distill
+    from .recipes import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     result = distill(recipe, args.output_dir, overwrite=args.overwrite, progress=not args.no_progress)
@@ -25,8 +59,8 @@ def _distill(args: argparse.Namespace) -> int:
 def _cache_teacher(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from .config import load_recipe
     from .distill import cache_teacher
+    from .recipes import load_recipe
 
     info = cache_teacher(load_recipe(args.recipe, args.set), args.output_dir, progress=not args.no_progress)
     if PartialState().is_main_process:  # each process wrote its share of the shards; print once
@@ -105,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: bad input, 130 / 143: stopped by SIGINT / SIGTERM)."""
     args = build_parser().parse_args(argv)
+    _console_logging()
     try:
         return args.func(args)
     except (RecipeError, CacheMismatch, OSError, ValueError) as exc:
@@ -114,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"potstill: {exc or 'interrupted; rerun the same command to resume from the last checkpoint'}",
               file=sys.stderr)
-        return 130
+        # the shell's convention, 128 + the signal: schedulers read 143 as "terminated", 130 as Ctrl-C
+        return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

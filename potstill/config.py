@@ -1,6 +1,6 @@
 """The recipe schema: typed, validated on load, with errors that name the field.
 
-A recipe is a YAML file (or a built-in name, see :mod:`potstill.recipes`). Every section is a
+A recipe is a YAML file (or a built-in name; :mod:`potstill.recipes` loads both). Every section is a
 pydantic model that forbids unknown keys, so a typo is an error with a "did you mean", and a
 value out of range (``temperature: 0``, ``alpha: 1.5``) names the field and the allowed range.
 """
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .losses import LOSSES, check_params
 
@@ -138,81 +137,6 @@ class Recipe(_Section):
     #: also train the student from scratch on hard labels, for comparison
     baseline: bool = True
     output_dir: str = "runs/default"
-
-
-def recipe_types() -> dict[str, type[Recipe]]:
-    from .tasks import RECIPES
-
-    return RECIPES
-
-
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at ``loc`` (for "did you mean")."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _describe(error: dict[str, Any], recipe_type: type[Recipe]) -> str:
-    loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc) or "(recipe)"
-    if error["type"] == "extra_forbidden":
-        allowed = _field_names(recipe_type, loc)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        return f"unknown field {where!r}; allowed here: {', '.join(allowed)}.{hint}"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"field {where!r}: {message} (got {error.get('input')!r})"
-
-
-def parse_recipe(data: dict[str, Any]) -> Recipe:
-    """Validate a recipe given as a dict; raises :class:`RecipeError` naming each bad field."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"a recipe must be a mapping of sections, got {type(data).__name__}")
-    types = recipe_types()
-    task = data.get("task", "image-classification")
-    if task not in types:
-        close = difflib.get_close_matches(str(task), types, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"field 'task': unknown task {task!r}; known tasks: {', '.join(types)}.{hint}")
-    recipe_type = types[task]
-    try:
-        return recipe_type.model_validate({**data, "task": task})
-    except ValidationError as exc:
-        lines = [_describe(e, recipe_type) for e in exc.errors()]
-        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` overrides (values parsed as YAML) to a recipe dict."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"override {item!r} must look like section.field=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = parse_yaml(raw)
-    return data
-
-
-def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe from a YAML path or a built-in recipe name, then apply overrides."""
-    from .recipes import resolve_recipe_path
-
-    path = resolve_recipe_path(source)
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    return parse_recipe(apply_overrides(data, overrides or []))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -19,26 +19,35 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 
-from .config import CacheSpec, Recipe, RecipeError, TrainSpec, dump_recipe
-from .engine import Engine, make_loader
+from .config import CacheSpec, Recipe, RecipeError, TrainSpec, dump_recipe, parse_yaml
+from .engine import Engine, PrepareBatch, make_loader
 from .io import atomic_path, write_json, write_text
-from .models import load_model, save_model
-from .objective import Objective, Term
+from .models import save_model
+from .objective import Objective
 from .tasks import TASKS, Task
+from .tasks.base import BatchTransform, Rollout
 from .teachers import CachedTeacher, CacheInfo, IndexedDataset, indexed_collate, write_cache
 
 HISTORY = "history.json"
+RECIPE = "recipe.yaml"
+#: the first file of every run directory: what lets ``--overwrite`` know the folder is potstill's
+RUN_MARKER = ".potstill-run"
+#: what a run directory holds (for run directories made before the marker existed)
+RUN_ENTRIES = {RECIPE, RUN_MARKER, "teacher", "scratch", "student", "checkpoints", "teacher-cache",
+               "teacher-generations.json", "log.csv", "metrics.json", "report.png"}
 
 
 @dataclass
@@ -90,19 +99,63 @@ def _accelerator(recipe: Recipe) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=multi_cpu)
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> None:
-    """Create the run dir, or check that an existing one was made by the same recipe."""
-    saved = run_dir / "recipe.yaml"
-    text = dump_recipe(recipe)
+def is_run_dir(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory potstill made: it holds :data:`RUN_MARKER` (or, from
+    before the marker, nothing but what runs write, with a resolved ``recipe.yaml``: every section
+    written out, as no hand-written recipe is)."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    entries = {p.name for p in folder.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))}
+    if RECIPE not in entries or not entries <= RUN_ENTRIES:
+        return False
+    try:
+        saved = parse_yaml((folder / RECIPE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and set(Recipe.model_fields) | {"data", "teacher", "student"} <= set(saved)
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> bool:
+    """Create the run dir, or check that an existing one is a run of the same recipe; True if created.
+
+    Only a run directory (or an empty folder) is ever deleted by ``overwrite`` or written into:
+    potstill never deletes or overwrites files it did not write.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"output dir {run_dir} is a file, not a folder: choose another --output-dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise RecipeError(
+            f"output dir {run_dir} holds files that are not a potstill run (no {RUN_MARKER} in it); potstill "
+            f"{'deletes' if overwrite else 'writes into'} only its own run folders: choose a new or empty --output-dir"
+        )
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
+    saved = run_dir / RECIPE
+    text = dump_recipe(recipe)
     if saved.is_file() and saved.read_text() != text:
         raise RecipeError(
             f"{run_dir} holds a run of a different recipe (see {saved}); resume it with that "
             "recipe, choose another output_dir, or pass --overwrite to start again"
         )
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / RUN_MARKER, "a potstill run directory: `potstill distill --overwrite` may delete it\n")
     write_text(saved, text)
+    return created
+
+
+def _batch_preparation(transform: BatchTransform | None, rollout: Rollout | None, seed: int) -> PrepareBatch | None:
+    """The engine's ``prepare_batch``: the task's batch-time randomness, drawn from a generator seeded
+    by (seed, batch number) so a resumed run draws the same, then the on-policy rollout."""
+    if transform is None and rollout is None:
+        return None
+
+    def prepare(student: nn.Module, batch: Any, key: int) -> Any:
+        if transform is not None:
+            batch = transform(batch, torch.Generator().manual_seed(seed * 1_000_003 + key))
+        return rollout(student, batch, key) if rollout is not None else batch
+
+    return prepare
 
 
 class Run:
@@ -113,22 +166,34 @@ class Run:
         self.accelerator = _accelerator(recipe)
         self.task: Task = TASKS[recipe.task](recipe, progress=progress)
         self.history: list[dict[str, Any]] = []
+        #: whether this run made its directory (a failure before anything else is written removes it)
+        self.created = False
 
     @classmethod
     def open(cls, recipe: Recipe, output_dir: str | Path | None, overwrite: bool, progress: bool) -> Run:
         run = cls(recipe, Path(output_dir or recipe.output_dir), progress)
         if run.accelerator.is_main_process:
-            prepare_run_dir(recipe, run.run_dir, overwrite)
+            run.created = prepare_run_dir(recipe, run.run_dir, overwrite)
         run.accelerator.wait_for_everyone()
         return run
+
+    @contextmanager
+    def cleaning_up(self) -> Iterator[Run]:
+        """On failure, remove the run directory this run made if it still holds only its recipe."""
+        try:
+            yield self
+        except BaseException:
+            leftovers = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+            if self.created and self.accelerator.is_main_process and leftovers <= {RECIPE, RUN_MARKER}:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def teacher(self) -> nn.Module:
         """The recipe's teacher: loaded if it names one, else trained (or resumed, or reloaded)."""
         spec = self.recipe.teacher
         if spec.model_name_or_path:
             return self.task.build_model(spec)
-        return self.stage("teacher", spec, Objective.supervised(), spec.train, self.task.train_set,
-                          collate=self.task.training_collate(spec))
+        return self.stage("teacher", spec, Objective.supervised(), spec.train, self.task.train_set)
 
     def cache(self, teacher: nn.Module, spec: CacheSpec) -> CacheInfo:
         """Write (or finish, or check) the teacher cache over the transfer set."""
@@ -138,7 +203,7 @@ class Run:
                            top_k_size=spec.top_k, temperature=self.recipe.distillation.temperature,
                            dtype=spec.dtype, shard_size=spec.shard_size, progress=self.progress,
                            identity={"teacher_name": self.recipe.teacher.model_name_or_path or "trained"},
-                           processes=self.accelerator, vocab_size=getattr(self.task, "shared_vocab_size", None))
+                           processes=self.accelerator, vocab_size=self.task.shared_vocab_size)
         self.accelerator.print(f"[cache] {folder}: {info.manifest['positions']:,} positions, "
                                f"{info.bytes_per_position:.0f} bytes per position (top-{spec.top_k}, {spec.dtype})")
         return info
@@ -156,26 +221,25 @@ class Run:
 
     def stage(self, name: str, model_spec: Any, objective: Objective, spec: TrainSpec, dataset: Any,
               teacher: nn.Module | CachedTeacher | None = None, collate: Any = None,
-              rollout: Any = None) -> nn.Module:
+              rollout: Rollout | None = None) -> nn.Module:
         """Train (or resume, or load if finished) one model of ``model_spec`` and save it under ``run_dir/name``."""
         folder = self.run_dir / name
         if (folder / HISTORY).is_file():
             self.history += json.loads((folder / HISTORY).read_text())
             self.accelerator.print(f"[{name}] already trained: loading {folder}")
-            return self.task.load_model(folder) if hasattr(self.task, "load_model") else load_model(folder)
+            return self.task.load_model(folder)
         set_seed(spec.seed)  # the scratch and the distilled student start from the same weights
         build = self.task.build_model(model_spec)
         loader = make_loader(dataset, spec.batch_size, collate or self.task.collate, seed=spec.seed,
                              group_by_length=spec.group_by_length)
         engine = Engine(self.accelerator, spec, self.run_dir / "checkpoints" / name, stage=name,
-                        progress=self.progress, evaluate=self.task.evaluate,
-                        on_checkpoint=self.write_log, rollout=rollout)
+                        progress=self.progress, evaluate=self.task.evaluate, on_checkpoint=self.write_log,
+                        prepare_batch=_batch_preparation(self.task.batch_transform(model_spec), rollout, spec.seed))
         result = engine.fit(build, objective, loader, teacher=teacher)
         if self.accelerator.is_main_process:
             with atomic_path(folder) as tmp:
                 save_model(result.model, tmp)
-                if hasattr(self.task, "save_extras"):
-                    self.task.save_extras(tmp)
+                self.task.save_extras(tmp)
                 write_json(tmp / HISTORY, result.history)
             shutil.rmtree(self.run_dir / "checkpoints" / name, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -188,21 +252,22 @@ def distill(recipe: Recipe, output_dir: str | Path | None = None, *, overwrite: 
             progress: bool = True) -> RunResult:
     """Run ``recipe``: teacher, scratch student (if ``baseline``), distilled student, report."""
     run = Run.open(recipe, output_dir, overwrite, progress)
-    task, r = run.task, recipe
+    with run.cleaning_up():
+        return _distill(run)
+
+
+def _distill(run: Run) -> RunResult:
+    task, r = run.task, run.recipe
     # on the training device before anything uses it (the teacher's generations for sequence-level KD)
     teacher = run.teacher().to(run.accelerator.device)
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", r.student, Objective.supervised(), r.train, task.transfer_set)
-    features = [Term(f.loss, f.weight, student=f.student, teacher=f.teacher) for f in r.distillation.features]
-    objective = Objective.hinton(r.distillation.alpha, r.distillation.temperature, r.distillation.loss,
-                                 sparse_leftover=r.teacher_cache.leftover if r.teacher_cache else "bucket",
-                                 features=features, vocab_size=getattr(task, "shared_vocab_size", None),
-                                 **r.distillation.params)
-    # optional task hooks: the examples to distil on (e.g. the teacher's own generations), and an
-    # on-policy rollout that lets the student write a batch's completions
-    dataset = task.distillation_set(teacher, run.run_dir) if hasattr(task, "distillation_set") else task.transfer_set
-    rollout = task.rollout(r.train.seed) if hasattr(task, "rollout") else None
+    objective = task.objective()
+    # the examples to distil on (e.g. the teacher's own generations), and an on-policy rollout
+    # that lets the student write a batch's completions
+    dataset = task.distillation_set(teacher, run.run_dir)
+    rollout = task.rollout(r.train.seed)
     if r.teacher_cache:
         cached = CachedTeacher(run.cache(teacher, r.teacher_cache).folder)
         models["student"] = run.stage("student", r.student, objective, r.train, IndexedDataset(dataset),
@@ -226,4 +291,5 @@ def cache_teacher(recipe: Recipe, output_dir: str | Path | None = None, *, overw
                   progress: bool = True) -> CacheInfo:
     """Only the teacher (loaded or trained) and its top-k cache (``recipe.teacher_cache``, or its defaults)."""
     run = Run.open(recipe, output_dir, overwrite, progress)
-    return run.cache(run.teacher(), recipe.teacher_cache or CacheSpec())
+    with run.cleaning_up():
+        return run.cache(run.teacher(), recipe.teacher_cache or CacheSpec())

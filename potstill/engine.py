@@ -3,7 +3,8 @@
 The engine does not know which flavour it runs: a :class:`~potstill.tasks.Batch` says what the
 student and the teacher read, an :class:`~potstill.objective.Objective` says what to compare.
 Accelerate handles devices, mixed precision and processes (``accelerate launch`` for DDP/FSDP);
-the engine adds gradient accumulation, checkpoints every N optimiser steps, and resume.
+the engine adds gradient accumulation (each term normalised by what it counts in the whole
+accumulated batch), checkpoints every N optimiser steps, and resume.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from .config import TrainSpec
-from .objective import Objective
+from .objective import Objective, ObjectiveOutput
 from .signals import forward_signals, output_head, teacher_signals
 from .teachers import CachedTeacher
 
@@ -36,21 +37,32 @@ FUSE_FROM_VOCAB = 32_768
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest(threading.Event):
+    """Set by a signal; ``signum`` says which."""
+
+    signum: int = signal.SIGINT
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals() -> Iterator[StopRequest]:
     """Turn SIGINT/SIGTERM into a request to stop after the current optimiser step.
 
     A second signal while stopping restores the default behaviour (a second Ctrl-C kills).
     """
-    requested = threading.Event()
+    requested = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum: int, _frame: Any) -> None:
+        requested.signum = signum
         requested.set()
         for sig, previous in saved.items():
             signal.signal(sig, previous)
@@ -167,28 +179,67 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: a hook that may replace a training batch before the loss: ``prepare_batch(student, batch, key)``
+#: (batch-time augmentation or masking, an on-policy rollout); ``key`` numbers the batch in the run,
+#: so a resumed run prepares the same
+PrepareBatch = Callable[[nn.Module, Any, int], Any]
+
+
+@dataclass
+class _Fit:
+    """One ``fit()`` call: its prepared models, optimiser and schedule, and the trainer state that
+    checkpoints carry (epoch, batch within it, optimiser step, history)."""
+
+    student: nn.Module
+    objective: Objective
+    loader: DataLoader
+    sampler: Any
+    teacher: nn.Module | CachedTeacher | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainable: list[nn.Parameter]
+    fuse: bool
+    state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "history": []})
+
+
 class Engine:
     """Trains one model with one objective; checkpoints under ``checkpoint_dir``.
 
     ``evaluate(model) -> dict`` runs at the end of each epoch; ``on_checkpoint(history)`` lets
-    the caller persist its logs whenever a checkpoint is written.
+    the caller persist its logs whenever a checkpoint is written; ``prepare_batch`` (see
+    :data:`PrepareBatch`) may replace each training batch before the loss.
     """
 
     def __init__(self, accelerator: Accelerator, spec: TrainSpec, checkpoint_dir: Path, *,
                  stage: str = "train", log_every: int = 10, progress: bool = True,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
-                 rollout: Callable[[nn.Module, Any, int], Any] | None = None):
+                 prepare_batch: PrepareBatch | None = None):
         self.accelerator, self.spec, self.checkpoint_dir = accelerator, spec, Path(checkpoint_dir)
         self.stage, self.log_every, self.progress = stage, log_every, progress
-        self.evaluate, self.on_checkpoint = evaluate, on_checkpoint
-        #: ``rollout(student, batch, key) -> batch`` may replace a batch's completions with the
-        #: student's own generations (on-policy distillation); ``key`` numbers the batch, so a
-        #: resumed run draws the same
-        self.rollout = rollout
+        self.evaluate, self.on_checkpoint, self.prepare_batch = evaluate, on_checkpoint, prepare_batch
 
     def fit(self, student: nn.Module, objective: Objective, loader: DataLoader,
             teacher: nn.Module | CachedTeacher | None = None) -> FitResult:
+        """Train ``student`` with ``objective`` (against ``teacher``) for the spec's epochs, resuming
+        from the newest intact checkpoint; SIGINT/SIGTERM stop after a step with a checkpoint."""
+        run = self._set_up(student, objective, loader, teacher)
+        self._restore(run)
+        with stop_on_signals() as stop_requested:
+            for epoch in range(run.state["epoch"], self.spec.epochs):
+                self._train_epoch(run, epoch, stop_requested)
+        # accelerate's mixed-precision forward off again: after training, both models run as built
+        # (float32 evaluation, saving, generation)
+        if isinstance(run.teacher, nn.Module):
+            self.accelerator.unwrap_model(run.teacher, keep_fp32_wrapper=False)
+        return FitResult(self.accelerator.unwrap_model(run.student, keep_fp32_wrapper=False), run.state["history"])
+
+    # ----- set-up and restore ------------------------------------------------------------------
+
+    def _set_up(self, student: nn.Module, objective: Objective, loader: DataLoader,
+                teacher: nn.Module | CachedTeacher | None) -> _Fit:
+        """Check the pieces, size the feature projections, build the optimiser and schedule, and
+        hand everything to accelerate (devices, mixed precision, DDP)."""
         acc, spec = self.accelerator, self.spec
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"stage {self.stage!r}: the objective compares with a teacher, but none was given")
@@ -197,107 +248,158 @@ class Engine:
         trainable = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
         if not trainable:
             raise ValueError(f"stage {self.stage!r}: the student has no trainable parameters")
-        accum = spec.gradient_accumulation_steps
-        steps_per_epoch = math.ceil(len(loader) / accum)
-        total_steps = spec.epochs * steps_per_epoch
+        total_steps = spec.epochs * math.ceil(len(loader) / spec.gradient_accumulation_steps)
         optimizer = make_optimizer(spec, trainable, allow_fused=acc.mixed_precision != "fp16")
         scheduler = make_scheduler(spec, optimizer, total_steps)
         sampler = loader.sampler
         # the objective is not wrapped for DDP (it usually has no parameters); its projections'
         # gradients are averaged across processes by hand before each step
         objective = objective.to(acc.device)
-        objective_parameters = [p for p in objective.parameters() if p.requires_grad]
         student, optimizer, loader, scheduler = acc.prepare(student, optimizer, loader, scheduler)
         if isinstance(teacher, nn.Module):
             teacher = acc.prepare_model(teacher.requires_grad_(False).eval(), evaluation_mode=True)
+        fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, objective, teacher)
+        return _Fit(student, objective, loader, sampler, teacher, optimizer, scheduler, trainable, fuse)
 
-        self.fuse = self._fuse(acc.unwrap_model(student) if acc.num_processes == 1 else student, objective, teacher)
-        state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": []}
+    def _restore(self, run: _Fit) -> None:
+        """Continue from the newest intact checkpoint, if any (damaged newer ones are skipped, and said so)."""
         latest, damaged = latest_intact(self.checkpoint_dir)
         for path in damaged:
-            acc.print(f"[{self.stage}] checkpoint {path} is damaged (checksum mismatch): skipped")
+            self.accelerator.print(f"[{self.stage}] checkpoint {path} is damaged (checksum mismatch): skipped")
         if latest is not None:
-            state = load_checkpoint(latest, model=acc.unwrap_model(student), optimizer=optimizer,
-                                    scheduler=scheduler, extra=objective)
-            acc.print(f"[{self.stage}] resumed from {latest} (epoch {state['epoch'] + 1}, step {state['step']})")
-        history: list[dict[str, Any]] = state["history"]
+            run.state = load_checkpoint(latest, model=self.accelerator.unwrap_model(run.student),
+                                        optimizer=run.optimizer, scheduler=run.scheduler, extra=run.objective)
+            self.accelerator.print(f"[{self.stage}] resumed from {latest} "
+                                   f"(epoch {run.state['epoch'] + 1}, step {run.state['step']})")
 
-        def checkpoint(epoch: int, batch: int) -> None:
-            state.update(epoch=epoch, batch=batch)
-            if acc.is_main_process:
-                save_checkpoint(self.checkpoint_dir, state["step"], model=acc.unwrap_model(student),
-                                optimizer=optimizer, scheduler=scheduler, state=state,
-                                extra=objective)
-                if self.on_checkpoint:
-                    self.on_checkpoint(history)
-            acc.wait_for_everyone()
+    # ----- one epoch ---------------------------------------------------------------------------
 
-        with stop_on_signals() as stop_requested:
-            for epoch in range(state["epoch"], spec.epochs):
-                skip = state["batch"] if epoch == state["epoch"] else 0
-                batches = acc.skip_first_batches(loader, skip) if skip else loader
-                # accelerate's loaders reset the sampler's epoch from their own counter on iteration
-                for epoch_aware in (sampler, batches):
-                    if hasattr(epoch_aware, "set_epoch"):
-                        epoch_aware.set_epoch(epoch)
-                student.train()
-                started = time.perf_counter()
-                running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
-                bar = tqdm(total=len(loader), initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{spec.epochs}",
-                           disable=not (self.progress and acc.is_local_main_process), leave=False)
-                for index, batch in enumerate(batches, start=skip):
-                    if self.rollout is not None:
-                        batch = self.rollout(acc.unwrap_model(student), batch, epoch * len(loader) + index)
-                    out = self._loss(student, objective, teacher, batch, f"epoch {epoch + 1}, batch {index}")
-                    acc.backward(out.loss / accum)
-                    running, seen = running + out.loss.item(), seen + 1
-                    bar.update(1)
-                    if (index + 1) % accum and index + 1 != len(loader):
-                        continue
-                    if acc.num_processes > 1:
-                        for p in objective_parameters:
-                            if p.grad is not None:
-                                p.grad = acc.reduce(p.grad, reduction="mean")
-                    if spec.max_grad_norm:
-                        acc.clip_grad_norm_(trainable, spec.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["step"] += 1
-                    if state["step"] % self.log_every == 0:
-                        # averaged over processes: the curve of the global batch, the same in every process
-                        row = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                               "loss": acc.reduce(out.loss.detach(), "mean").item(),
-                               "lr": scheduler.get_last_lr()[0]}
-                        row.update({k: acc.reduce(v, "mean").item() for k, v in out.parts.items()})
-                        history.append(row)
-                        bar.set_postfix(loss=f"{out.loss.item():.4f}")
-                    stop = stop_requested.is_set()
-                    if acc.num_processes > 1:  # a signal to any process stops all of them after the same step
-                        flag = torch.tensor(float(stop), device=acc.device)
-                        stop = acc.reduce(flag, reduction="sum").item() > 0
-                    if stop or (spec.checkpoint_every and state["step"] % spec.checkpoint_every == 0
-                                and index + 1 != len(loader)):
-                        state["running"] = (running, seen)
-                        checkpoint(epoch, index + 1)
-                    if stop:
-                        raise Interrupted(f"[{self.stage}] stopped by a signal after step {state['step']}; "
-                                          "checkpoint written: rerun the same command to resume")
-                bar.close()
-                summary = {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
-                           "train_loss": running / max(seen, 1), "seconds": time.perf_counter() - started}
-                if self.evaluate:
-                    summary.update(self.evaluate(acc.unwrap_model(student)))
-                history.append(summary)
-                acc.print(f"[{self.stage}] epoch {epoch + 1}/{spec.epochs}  "
-                          + "  ".join(f"{k} {_fmt(v)}" for k, v in summary.items()
-                                      if k not in ("stage", "epoch")))
-                checkpoint(epoch + 1, 0)
-        # accelerate's mixed-precision forward off again: after training, both models run as built
-        # (float32 evaluation, saving, generation)
-        if isinstance(teacher, nn.Module):
-            acc.unwrap_model(teacher, keep_fp32_wrapper=False)
-        return FitResult(acc.unwrap_model(student, keep_fp32_wrapper=False), history)
+    def _train_epoch(self, run: _Fit, epoch: int, stop_requested: StopRequest) -> None:
+        """The optimiser steps of one epoch (from where a resumed run stopped), then its summary."""
+        acc, state, size = self.accelerator, run.state, len(run.loader)
+        skip = state["batch"] if epoch == state["epoch"] else 0
+        batches = acc.skip_first_batches(run.loader, skip) if skip else run.loader
+        # accelerate's loaders reset the sampler's epoch from their own counter on iteration
+        for epoch_aware in (run.sampler, batches):
+            if hasattr(epoch_aware, "set_epoch"):
+                epoch_aware.set_epoch(epoch)
+        run.student.train()
+        started = time.perf_counter()
+        running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
+        bar = tqdm(total=size, initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{self.spec.epochs}",
+                   disable=not (self.progress and acc.is_local_main_process), leave=False)
+        for group in _micro_batches(batches, skip, self.spec.gradient_accumulation_steps, size):
+            loss, parts = self._optimizer_step(run, epoch, group)
+            running, seen = running + loss.item(), seen + 1
+            bar.update(len(group))
+            if state["step"] % self.log_every == 0:
+                self._log(run, epoch, loss, parts)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            end = group[-1][0] + 1
+            stop = self._stop_everywhere(stop_requested)
+            if stop or (self.spec.checkpoint_every and state["step"] % self.spec.checkpoint_every == 0 and end != size):
+                state["running"] = (running, seen)
+                self._checkpoint(run, epoch, end)
+            if stop:
+                raise Interrupted(f"[{self.stage}] stopped by a signal after step {state['step']}; "
+                                  "checkpoint written: rerun the same command to resume", stop_requested.signum)
+        bar.close()
+        self._end_epoch(run, epoch, running / max(seen, 1), time.perf_counter() - started)
+
+    def _end_epoch(self, run: _Fit, epoch: int, train_loss: float, seconds: float) -> None:
+        """The epoch's summary row (with the task's evaluation), printed, and a checkpoint."""
+        summary = {"stage": self.stage, "epoch": epoch + 1, "step": run.state["step"],
+                   "train_loss": train_loss, "seconds": seconds}
+        if self.evaluate:
+            summary.update(self.evaluate(self.accelerator.unwrap_model(run.student)))
+        run.state["history"].append(summary)
+        self.accelerator.print(f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}  " + "  ".join(
+            f"{k} {_fmt(v)}" for k, v in summary.items() if k not in ("stage", "epoch")))
+        self._checkpoint(run, epoch + 1, 0)
+
+    # ----- one optimiser step ------------------------------------------------------------------
+
+    def _optimizer_step(self, run: _Fit, epoch: int, group: list[tuple[int, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward and backward each micro-batch of one step, then step the optimiser.
+
+        Each term is normalised by what it counts in the *whole* step (all micro-batches, all
+        processes: :meth:`Objective.counts`), so accumulating micro-batches of unequal token counts
+        gives the gradient of one large batch; DDP all-reduces once, after the last micro-batch.
+        Returns the step's loss and each term's value, the same in every process.
+        """
+        acc, size = self.accelerator, len(run.loader)
+        batches = [self._prepared(run, batch, epoch * size + index) for index, batch in group]
+        scales: list[float] | None = None
+        loss = torch.zeros((), device=acc.device)
+        parts: dict[str, Tensor] = {}
+        for position, (index, batch) in enumerate(zip((i for i, _ in group), batches, strict=True)):
+            last = position == len(batches) - 1
+            with nullcontext() if last else acc.no_sync(run.student):
+                out = self._loss(run, batch, f"epoch {epoch + 1}, batch {index}")
+                scales = scales or self._scales(run.objective, batches)
+                micro = sum(weight * value * scale for (weight, value), scale in zip(out.values, scales, strict=True))
+                acc.backward(micro)
+            loss = loss + micro.detach()
+            part_scales = scales if len(scales) == len(out.parts) else scales[:1] * len(out.parts)
+            for (name, value), scale in zip(out.parts.items(), part_scales, strict=True):
+                parts[name] = parts.get(name, 0.0) + value * scale
+        if acc.num_processes > 1:
+            for p in run.objective.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if self.spec.max_grad_norm:
+            acc.clip_grad_norm_(run.trainable, self.spec.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state["step"] += 1
+        return acc.reduce(loss, "mean"), parts
+
+    def _scales(self, objective: Objective, batches: list[Any]) -> list[float]:
+        """What multiplies each summed term of a micro-batch: processes / its count in the whole
+        step (DDP then averages over processes); a term that stays a mean: 1 / micro-batches."""
+        counts = [objective.counts(batch.to(self.accelerator.device)) for batch in batches]
+        scales: list[float] = []
+        for per_batch in zip(*counts, strict=True):
+            if per_batch[0] is None:
+                scales.append(1.0 / len(batches))
+            else:
+                total = self.accelerator.reduce(torch.stack(per_batch).sum(), reduction="sum").item()
+                scales.append(self.accelerator.num_processes / max(total, 1))
+        return scales
+
+    def _prepared(self, run: _Fit, batch: Any, key: int) -> Any:
+        return batch if self.prepare_batch is None else self.prepare_batch(
+            self.accelerator.unwrap_model(run.student), batch, key)
+
+    def _log(self, run: _Fit, epoch: int, loss: Tensor, parts: dict[str, Tensor]) -> None:
+        """A row of the training log: the step's loss and terms, averaged over processes (the same row everywhere)."""
+        row = {"stage": self.stage, "epoch": epoch + 1, "step": run.state["step"], "loss": loss.item(),
+               "lr": run.scheduler.get_last_lr()[0]}
+        row.update({k: self.accelerator.reduce(torch.as_tensor(v, device=self.accelerator.device), "mean").item()
+                    for k, v in parts.items()})
+        run.state["history"].append(row)
+
+    def _stop_everywhere(self, stop_requested: StopRequest) -> bool:
+        """Whether a signal reached any process: all of them stop after the same step."""
+        stop = stop_requested.is_set()
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(stop), device=self.accelerator.device)
+            stop = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return stop
+
+    def _checkpoint(self, run: _Fit, epoch: int, batch: int) -> None:
+        """Write the state (model, optimiser, schedule, RNG, position) on the main process; all wait."""
+        acc = self.accelerator
+        run.state.update(epoch=epoch, batch=batch)
+        if acc.is_main_process:
+            save_checkpoint(self.checkpoint_dir, run.state["step"], model=acc.unwrap_model(run.student),
+                            optimizer=run.optimizer, scheduler=run.scheduler, state=run.state, extra=run.objective)
+            if self.on_checkpoint:
+                self.on_checkpoint(run.state["history"])
+        acc.wait_for_everyone()
+
+    # ----- the loss ----------------------------------------------------------------------------
 
     @staticmethod
     def _prepare_projections(student: nn.Module, objective: Objective, teacher: nn.Module,
@@ -324,8 +426,9 @@ class Engine:
                              "from a live teacher")
         return True
 
-    def _loss(self, student: nn.Module, objective: Objective, teacher: nn.Module | CachedTeacher | None, batch: Any,
-              where: str = ""):
+    def _loss(self, run: _Fit, batch: Any, where: str = "") -> ObjectiveOutput:
+        """The objective on one batch: the teacher's signals (live or cached), the student's, summed terms."""
+        objective, teacher = run.objective, run.teacher
         with self.accelerator.autocast():
             targets = None
             if objective.needs_teacher:
@@ -333,12 +436,25 @@ class Engine:
                 try:
                     targets = (teacher.signals(batch) if isinstance(teacher, CachedTeacher)
                                else teacher_signals(teacher, batch.teacher_inputs, objective.teacher_signals,
-                                                    fuse_head=self.fuse))
+                                                    fuse_head=run.fuse))
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"[{self.stage}] {where}: {exc}; stopping rather than "
                                              "training on it") from None
-            signals = forward_signals(student, batch.student_inputs, objective.student_signals, fuse_head=self.fuse)
-            return objective(signals, targets, labels=batch.labels, mask=batch.mask, alignment=batch.alignment)
+            signals = forward_signals(run.student, batch.student_inputs, objective.student_signals,
+                                      fuse_head=run.fuse)
+            return objective(signals, targets, labels=batch.labels, mask=batch.mask, alignment=batch.alignment,
+                             reduction="sum")
+
+
+def _micro_batches(batches: Any, start: int, accumulation: int, size: int) -> Iterator[list[tuple[int, Any]]]:
+    """The loader's batches (numbered from ``start``) grouped into optimiser steps of ``accumulation``
+    micro-batches; the epoch's last step takes what is left."""
+    group: list[tuple[int, Any]] = []
+    for index, batch in enumerate(batches, start=start):
+        group.append((index, batch))
+        if (index + 1) % accumulation == 0 or index + 1 == size:
+            yield group
+            group = []
 
 
 def _fmt(value: Any) -> str:

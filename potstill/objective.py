@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from .losses import ChannelProjection, Projection, SparseTarget, check_params, get_loss, sparse_loss
+from .losses import IGNORE_INDEX, ChannelProjection, Projection, SparseTarget, check_params, get_loss, sparse_loss
 from .losses.fused import fused_linear_loss
 from .signals import LOGITS, HeadInputs, attention_signal
 
@@ -53,6 +53,13 @@ class ObjectiveOutput(NamedTuple):
     loss: Tensor
     #: each term's unweighted value, detached, keyed by :attr:`Term.label`
     parts: dict[str, Tensor]
+    #: (weight, value with its graph) of each term, in the order of :attr:`Objective.terms`; the
+    #: fused head loss gives one pair for its terms together; ``loss`` is their weighted sum
+    values: tuple[tuple[float, Tensor], ...] = ()
+
+
+#: what decides which positions a term counts: the batch's labels (-100 = not), its mask, its alignment
+CountFields = frozenset[str]
 
 
 class Objective(nn.Module):
@@ -74,6 +81,10 @@ class Objective(nn.Module):
         #: learned maps from the student's width to the teacher's, keyed by term index (see prepare);
         #: trained with the student, saved in checkpoints, not part of the exported student
         self.projections = nn.ModuleDict()
+        #: per value of the output: the batch fields whose AND is the positions it counts (its
+        #: ``"sum"`` is over them), or None for a value that stays a mean (attention rows, example
+        #: pairs, unmasked features); learned by the first forward, see :meth:`counts`
+        self._count_fields: tuple[CountFields | None, ...] | None = None
 
     @property
     def feature_terms(self) -> list[tuple[int, Term]]:
@@ -151,8 +162,12 @@ class Objective(nn.Module):
     def forward(self, student: Mapping[str, Any], teacher: Mapping[str, Any] | None = None,
                 *, labels: Tensor | None = None, mask: Tensor | None = None, alignment: Tensor | None = None,
                 reduction: str = "mean") -> ObjectiveOutput:
-        """The weighted sum; ``reduction="sum"`` lets a caller normalise by a larger token count
-        (all micro-batches of an accumulated step, all processes).
+        """The weighted sum of the terms at ``reduction``.
+
+        ``reduction="sum"`` lets a caller normalise by a larger count (all micro-batches of an
+        accumulated step, all processes): each term that counts positions (tokens, or examples) is
+        summed over them — :meth:`counts` tells how many a batch holds — and a term whose mean is
+        over something else (attention rows, pairs of examples) stays a mean.
 
         ``alignment`` (``[B, L_student]``, -1 for none) picks, for each student position, the
         teacher position it is compared with, when the two read different token sequences.
@@ -161,9 +176,14 @@ class Objective(nn.Module):
             if alignment is not None and self.needs_teacher:
                 raise ValueError("the fused head loss needs teacher and student on the same positions: "
                                  "turn fused_loss off for aligned (cross-tokenizer) batches")
-            return self._fused(self._head_slice(student[LOGITS]), teacher, labels, mask, reduction)
+            fields = frozenset(name for name, value in (("labels", labels), ("mask", mask)) if value is not None)
+            self._count_fields = (fields or None,)
+            return self._fused(self._head_slice(student[LOGITS]), teacher, labels, mask,
+                               _term_reduction(reduction, fields))
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
+        values: list[tuple[float, Tensor]] = []
+        count_fields: list[CountFields | None] = []
         for index, term in enumerate(self.terms):
             spec = get_loss(term.loss)
             if spec.target == "labels":
@@ -172,7 +192,10 @@ class Objective(nn.Module):
                 signal = student[term.student]
                 if self.vocab_size is not None and term.student == LOGITS:
                     signal = signal[..., : self.vocab_size]  # as the fused path: padding rows never count
-                value = spec.fn(signal, labels, mask=_fits(mask, signal), reduction=reduction, **term.params)
+                term_mask = _fits(mask, signal)
+                fields = {"labels", *(["mask"] if term_mask is not None else [])}
+                value = spec.fn(signal, labels, mask=term_mask, reduction=_term_reduction(reduction, fields),
+                                **term.params)
             else:
                 if teacher is None:
                     raise ValueError(f"term {term.loss!r} needs teacher signals")
@@ -182,21 +205,55 @@ class Objective(nn.Module):
                     signal = self.projections[str(index)](signal)
                 position_labels = labels if _per_position(labels, signal) else None
                 term_mask = mask if spec.kind == "attention-maps" else _fits(mask, signal)
+                fields = {name for name, used in (("labels", position_labels is not None),
+                                                  ("mask", term_mask is not None)) if used}
                 if alignment is not None and isinstance(target, Tensor) and alignment.shape == signal.shape[:-1]:
                     target, term_mask = _aligned(target, alignment, term_mask)
+                    fields.add("alignment")
+                if not spec.per_position:
+                    fields = set()  # its mean is over attention rows or pairs of examples: it stays a mean
+                term_reduction = _term_reduction(reduction, fields)
                 if self.vocab_size is not None and spec.kind in ("divergence", "logits"):
                     signal = signal[..., : self.vocab_size]
                     target = target if isinstance(target, SparseTarget) else target[..., : self.vocab_size]
                 if isinstance(target, SparseTarget):  # a cached teacher's top-k
                     value = sparse_loss(signal, target, loss=term.loss, mask=term_mask, labels=position_labels,
-                                        leftover=self.sparse_leftover, reduction=reduction, **term.params)
+                                        leftover=self.sparse_leftover, reduction=term_reduction, **term.params)
                 else:
-                    value = spec.fn(signal, target, mask=term_mask, labels=position_labels, reduction=reduction,
+                    value = spec.fn(signal, target, mask=term_mask, labels=position_labels, reduction=term_reduction,
                                     **term.params)
             parts[term.label] = value.detach()
+            values.append((term.weight, value))
+            count_fields.append(frozenset(fields) or None)
             total = term.weight * value if total is None else total + term.weight * value
         assert total is not None
-        return ObjectiveOutput(total, parts)
+        self._count_fields = tuple(count_fields)
+        return ObjectiveOutput(total, parts, tuple(values))
+
+    def counts(self, batch: Any) -> list[Tensor | None]:
+        """How many positions each value of the output counts in ``batch`` (None: it stays a mean).
+
+        The fields that decide it (labels, mask, alignment) are learned from the first forward, so a
+        caller runs one batch first, then counts the others of an accumulated step before any
+        backward: a value summed over micro-batches and divided by the total is the whole batch's mean.
+        """
+        if self._count_fields is None:
+            raise RuntimeError("Objective.counts: run the objective on one batch first (it learns which "
+                               "positions each term counts)")
+        out: list[Tensor | None] = []
+        for fields in self._count_fields:
+            if fields is None:
+                out.append(None)
+                continue
+            keep: Tensor | None = None
+            for name in sorted(fields):
+                value = getattr(batch, name)
+                part = {"labels": lambda v: v != IGNORE_INDEX, "alignment": lambda v: v >= 0,
+                        "mask": lambda v: v.bool()}[name](value)
+                keep = part if keep is None else keep & part.to(keep.device)
+            assert keep is not None
+            out.append(keep.sum())
+        return out
 
     def _head_slice(self, head: HeadInputs) -> HeadInputs:
         if self.vocab_size is None:
@@ -224,7 +281,12 @@ class Objective(nn.Module):
                                   chunk_size=self.chunk_size, reduction=reduction,
                                   **(dict(soft.params) if soft else {}),
                                   **teacher_args) * (w_soft + w_hard)
-        return ObjectiveOutput(value, {"fused": value.detach()})
+        return ObjectiveOutput(value, {"fused": value.detach()}, ((1.0, value),))
+
+
+def _term_reduction(reduction: str, fields: set[str] | frozenset[str]) -> str:
+    """A term with nothing to count positions by stays a mean when the caller sums."""
+    return "mean" if reduction == "sum" and not fields else reduction
 
 
 def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:

@@ -64,7 +64,36 @@ def resolve(name: str | Path, gguf_file: str | None = None) -> Source:
         if not path.is_file():
             raise OSError(f"GGUF file {name} does not exist")
         return Source(str(path.parent), path.name)
+    if not Path(name).expanduser().exists():
+        check_on_hub(name)
     return Source(name, gguf_file)
+
+
+def check_on_hub(name: str) -> None:
+    """For a name that is no local folder: one short look on the Hugging Face hub (rather than
+    ``from_pretrained``'s retries), and a clear error when the hub cannot be reached or has no such
+    model. A model in the local hub cache passes, so cached models keep working offline."""
+    import huggingface_hub as hub
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    here = f"no local folder {name!r} exists"
+    try:
+        if isinstance(hub.try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        raise OSError(f"{here} (and it is not a hub model name)") from None
+    if hub.constants.HF_HUB_OFFLINE:
+        raise OSError(f"{here}, and hub lookups are off (HF_HUB_OFFLINE)")
+    try:
+        hub.model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise OSError(f"{here}, and the Hugging Face hub has no model {name!r} (or it is private: log in "
+                      "with `hf auth login`)") from None
+    except hub.errors.HfHubHTTPError:
+        return  # the hub answered (a gated model, a rate limit): from_pretrained says what it needs
+    except Exception as exc:  # no answer: no network, no DNS, a timeout (the HTTP library's own errors)
+        raise OSError(f"{here}, and the Hugging Face hub could not be reached to look it up "
+                      f"({type(exc).__name__}: {exc})") from None
 
 
 def load_causal_lm(source: Source, trust_remote_code: bool = False) -> nn.Module:

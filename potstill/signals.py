@@ -35,7 +35,7 @@ def logits_of(output: Any) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def _first_tensor(output: Any) -> Tensor:
+def first_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -65,7 +65,7 @@ def capture(model: nn.Module, paths: Iterable[str]) -> Iterator[dict[str, Tensor
             module = resolve_module(model, path)
 
             def hook(_module: nn.Module, _inputs: Any, output: Any, path: str = path) -> None:
-                captured[path] = _first_tensor(output)
+                captured[path] = first_tensor(output)
 
             handles.append(module.register_forward_hook(hook))
         yield captured

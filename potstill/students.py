@@ -29,6 +29,12 @@ import torch
 from pydantic import AfterValidator
 from torch import Tensor, nn
 
+from .data import VENDORED_TEXT
+from .data.text import read_text
+from .models import evaluating, load_model, save_model
+from .pretrained import load_causal_lm, load_tokenizer, resolve
+from .signals import first_tensor
+
 log = logging.getLogger(__name__)
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
@@ -121,8 +127,6 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     Positions the batch marks as padding (``attention_mask``; ``decoder_attention_mask`` in a
     decoder stack) do not count. A layer that barely turns the hidden state scores near 0 and is
     the cheapest to drop."""
-    from .models import evaluating
-    from .signals import _first_tensor
 
     found = [s for s in find_layer_stacks(model) if stacks is None or s.path in stacks]
     totals = {s.path: torch.zeros(s.size, dtype=torch.float64) for s in found}
@@ -134,7 +138,7 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
 
         def record(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             before = args[0] if args else kwargs["hidden_states"]
-            change = 1.0 - nn.functional.cosine_similarity(before.double(), _first_tensor(output).double(), dim=-1)
+            change = 1.0 - nn.functional.cosine_similarity(before.double(), first_tensor(output).double(), dim=-1)
             keep = current.get(key)
             if keep is not None and keep.shape == change.shape:
                 change = change[keep.bool().to(change.device)]
@@ -304,10 +308,6 @@ def init_student(teacher_path: str | Path, out: str | Path, layers: str | Sequen
     ``"influence:N"`` selections read ``calibration_file`` (text; default: the Shakespeare sample
     that ships with potstill) through the teacher's tokenizer, so they need a text model; for
     others (Whisper) call :func:`make_student` with batches of the model's own inputs."""
-    from .data import VENDORED_TEXT
-    from .models import load_model, save_model
-    from .pretrained import load_causal_lm, load_tokenizer, resolve
-    from .tasks.lm_data import read_text
 
     source = resolve(teacher_path)
     teacher = (load_causal_lm(source, trust_remote_code) if source.gguf_file

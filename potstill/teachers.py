@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .batch import Batch
 from .io import atomic_path, file_sha256, write_json
 from .losses.sparse import SparseTarget, top_k
 from .signals import LOGITS, teacher_signals
-from .tasks.base import Batch
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 #: one record per shard finished since the manifest was last written (folded in at the end)
@@ -167,8 +170,11 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
     for index in tqdm(mine, desc="caching teacher", disable=not (progress and procs.is_main_process)):
         name, start = _shard_name(index), index * shard_size
         path = folder / name
-        if name in manifest["shards"] and path.is_file() and file_sha256(path) == manifest["shards"][name]["sha256"]:
-            continue  # finished earlier
+        if name in manifest["shards"]:  # finished earlier: kept if intact, else said and rewritten
+            if path.is_file() and file_sha256(path) == manifest["shards"][name]["sha256"]:
+                continue
+            log.warning("teacher cache %s: shard %s %s; writing it again", folder, name,
+                        "does not match its recorded checksum (damaged)" if path.is_file() else "is missing")
         stop = min(start + shard_size, n)
         parts: list[SparseTarget] = []
         for sub in range(start, stop, 64):

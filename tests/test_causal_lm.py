@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from potstill.config import load_recipe
 from potstill.distill import distill
+from potstill.recipes import load_recipe
 from potstill.tasks import TASKS
 from tests.test_teacher_cache import TINY_LM
 

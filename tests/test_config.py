@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from potstill.config import RecipeError, dump_recipe, load_recipe, parse_recipe
-from potstill.recipes import builtin_recipes
+from potstill.config import RecipeError, dump_recipe
+from potstill.recipes import builtin_recipes, load_recipe, parse_recipe
 
 
 def error_of(data: dict) -> str:
     with pytest.raises(RecipeError) as info:
-        parse_recipe(data)
+        parse_recipe({"task": "image-classification", **data})
     return str(info.value)
 
 

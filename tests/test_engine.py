@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -131,3 +133,69 @@ def test_grouping_by_length_batches_similar_lengths_in_a_reproducible_order():
     assert epoch(make_loader(texts, 16, list, seed=3, group_by_length=True), 0) == grouped
     with pytest.raises(ValueError, match=r"group_by_length.*have no length"):
         make_loader(data(), 8, list, group_by_length=True)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding → tanh → head: logits per position, enough to test how positions are counted."""
+
+    def __init__(self, seed: int, vocab: int = 11, width: int = 6):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(torch.tanh(self.embed(input_ids)))
+
+
+def sequences(n: int = 8):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 11, (int(length),), generator=g) for length in torch.randint(2, 9, (n,), generator=g)]
+
+
+def collate_sequences(rows):
+    from potstill.tasks.base import Batch
+
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    labels = torch.where(mask.bool(), (ids + 1) % 11, -100)
+    # a few masked positions that are not padding, so labels and mask count differently
+    labels[:, 0] = torch.where(ids[:, 0] % 2 == 0, -100, labels[:, 0])
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    return Batch(student_inputs=inputs, teacher_inputs=inputs, labels=labels, mask=mask)
+
+
+@pytest.mark.parametrize("per_step", [(8, 1), (2, 4), (3, 3)])
+def test_accumulated_micro_batches_of_unequal_lengths_give_the_one_batch_update(tmp_path, per_step):
+    """8 sequences of 2-8 tokens in one batch, or in micro-batches: the same SGD update (float64).
+    KL and CE count labelled positions, the cosine term the attention mask's: each is normalised by
+    its own count over the whole step."""
+    from potstill.objective import Term
+
+    batch_size, accumulation = per_step
+    objective = Objective.hinton(alpha=0.5, temperature=2.0,
+                                 features=[Term("cosine", 0.7, student="embed", teacher="embed")])
+    spec = TrainSpec(epochs=1, batch_size=batch_size, gradient_accumulation_steps=accumulation, optimizer="sgd",
+                     momentum=0.0, learning_rate=0.5, scheduler="constant", mixed_precision="no")
+    loader = make_loader(sequences(), batch_size, collate_sequences, seed=0)
+    engine = Engine(Accelerator(cpu=True), spec, tmp_path / str(per_step), progress=False, log_every=1)
+    result = engine.fit(TinyLM(0).double(), objective, loader, teacher=TinyLM(1).double())
+    weights = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    # the reference: the whole batch through the objective at its per-token mean, one SGD step by hand
+    student, teacher = TinyLM(0).double(), TinyLM(1).double()
+    batch = collate_sequences([sequences()[i] for i in loader.sampler])
+    from potstill.signals import forward_signals
+
+    s = forward_signals(student, batch.student_inputs, {"logits", "embed"})
+    with torch.no_grad():
+        t = forward_signals(teacher, batch.teacher_inputs, {"logits", "embed"})
+    reference = objective(s, t, labels=batch.labels, mask=batch.mask)
+    reference.loss.backward()
+    expected = torch.cat([(p - 0.5 * p.grad).detach().flatten() for p in student.parameters()])
+    steps = math.ceil(8 / batch_size / accumulation)
+    assert steps == 1
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-12)
+    row = next(r for r in result.history if "loss" in r)
+    assert row["loss"] == pytest.approx(reference.loss.item(), rel=1e-12)
+    assert row["kl"] == pytest.approx(reference.parts["kl"].item(), rel=1e-12)
+    assert row["cosine[embed]"] == pytest.approx(reference.parts["cosine[embed]"].item(), rel=1e-12)

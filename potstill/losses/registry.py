@@ -35,6 +35,9 @@ class LossSpec:
     #: whether a feature term with this loss gets a learned projection when the widths differ
     #: (losses that compare maps whose channel counts may differ, or head by head, do not)
     projectable: bool = True
+    #: whether its ``"mean"`` is over the positions of the leading shape (so ``"sum"`` / count is the
+    #: same mean); not for attention maps (rows of heads) or batch similarity (pairs of examples)
+    per_position: bool = True
 
     @property
     def target(self) -> Literal["teacher", "labels"]:
@@ -68,8 +71,8 @@ LOSSES: dict[str, LossSpec] = {
     "uld": LossSpec(uld, "cross-vocabulary"),
     "cosine": LossSpec(cosine_loss, "features"),
     "attention": LossSpec(attention_transfer, "features", projectable=False),
-    "attention_kl": LossSpec(attention_kl, "attention-maps", projectable=False),
-    "similarity": LossSpec(similarity_loss, "features", projectable=False),
+    "attention_kl": LossSpec(attention_kl, "attention-maps", projectable=False, per_position=False),
+    "similarity": LossSpec(similarity_loss, "features", projectable=False, per_position=False),
 }
 
 

@@ -1,18 +1,15 @@
 """Tasks: how a data set becomes student and teacher inputs, and how a model is evaluated.
 
-One module per flavour; the engine and the objective never know which one runs.
+One module per flavour, each a :class:`Task` subclass registered here under its ``name``; the
+engine and the objective never know which one runs.
 """
 
-from ..config import Recipe
 from .base import Batch, Task
-from .causal_lm import CausalLM, CausalLMRecipe
-from .image_classification import ImageClassification, ImageClassificationRecipe
-from .sentence_embedding import SentenceEmbedding, SentenceEmbeddingRecipe
+from .causal_lm import CausalLM
+from .image_classification import ImageClassification
+from .sentence_embedding import SentenceEmbedding
 
-#: task name → the task, and its recipe schema
-TASKS: dict[str, type[Task]] = {"image-classification": ImageClassification, "causal-lm": CausalLM,
-                                "sentence-embedding": SentenceEmbedding}
-RECIPES: dict[str, type[Recipe]] = {"image-classification": ImageClassificationRecipe,
-                                    "causal-lm": CausalLMRecipe, "sentence-embedding": SentenceEmbeddingRecipe}
+#: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding)}
 
-__all__ = ["RECIPES", "TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "Task"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "Task"]

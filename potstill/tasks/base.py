@@ -1,70 +1,100 @@
-"""What every task provides to the engine."""
+"""The task contract: what a flavour provides to a run. Subclass :class:`Task` and register it in
+:data:`potstill.tasks.TASKS`; ``docs/architecture.md`` lists the contract."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
+from ..batch import Batch
+from ..config import Recipe
+from ..models import load_model
+from ..objective import Objective, Term
 
-def _to(value: Any, device: torch.device | str, **kwargs: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device, **kwargs)
-    if isinstance(value, dict):
-        return {k: _to(v, device, **kwargs) for k, v in value.items()}
-    return value
+#: batch-time randomness (augmentation, masking): ``transform(batch, generator) -> batch``, drawing
+#: only from ``generator``, which the engine seeds per batch so that a resumed run draws the same
+BatchTransform = Callable[[Batch, torch.Generator], Batch]
+#: the engine's on-policy hook: ``rollout(student, batch, key) -> batch``
+Rollout = Callable[[nn.Module, Batch, int], Batch]
+
+__all__ = ["Batch", "BatchTransform", "Rollout", "Task"]
 
 
-@dataclass
-class Batch:
-    """One batch as the engine sees it.
+class Task:
+    """A flavour's data, models and evaluation, built from its recipe.
 
-    Student and teacher inputs are separate because they can differ (another tokenizer for
-    the teacher, a transcript for a text teacher of a speech student). Each is a tensor or a
-    mapping of keyword arguments for the model.
+    A task sets the class attributes ``name`` (the recipe's ``task`` field), ``recipe_type`` (its
+    recipe schema: a :class:`~potstill.config.Recipe` with its own ``data`` / ``teacher`` /
+    ``student`` sections) and ``headline`` (the metrics the table and report lead with); its
+    constructor loads the data into ``train_set`` (a teacher trained here learns from it),
+    ``transfer_set`` (the students learn from it) and ``eval_set``; and it implements
+    :meth:`collate`, :meth:`build_model`, :meth:`evaluate` and :meth:`compare`. The other methods
+    are hooks with defaults that a run calls on every task.
     """
 
-    student_inputs: Any
-    teacher_inputs: Any
-    labels: Tensor | None = None
-    mask: Tensor | None = None
-    #: the examples' positions in their data set (to find them in a teacher cache)
-    indices: Tensor | None = None
-    #: ``[B, L_student]``: the teacher position compared with each student position (-1: none),
-    #: when the two read different token sequences (different tokenizers)
-    alignment: Tensor | None = None
-
-    def to(self, device: torch.device | str, **kwargs: Any) -> Batch:
-        kwargs.pop("non_blocking", None)
-        return Batch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return len(self.labels) if self.labels is not None else 0
-
-
-class Task(Protocol):
-    """A flavour's data and models, built from its recipe. See :class:`~potstill.tasks.ImageClassification`."""
-
-    headline: tuple[str, ...]
+    name: ClassVar[str]
+    recipe_type: ClassVar[type[Recipe]]
+    headline: ClassVar[tuple[str, ...]] = ()
 
     train_set: Dataset
-    eval_set: Dataset
     transfer_set: Dataset
+    eval_set: Dataset
+    #: logit terms compare only this many entries (heads padded beyond the tokenizer); None = all
+    shared_vocab_size: int | None = None
 
-    def collate(self, examples: list[Any]) -> Batch: ...
+    def __init__(self, recipe: Recipe, progress: bool = True):
+        self.recipe, self.progress = recipe, progress
 
-    def training_collate(self, spec: Any) -> Callable[[list[Any]], Batch]: ...
+    # ----- what every task implements ----------------------------------------------------------
 
-    def build_model(self, spec: Any) -> nn.Module: ...
+    def collate(self, examples: list[Any]) -> Batch:
+        """Examples of the data sets → one :class:`Batch`."""
+        raise NotImplementedError
+
+    def build_model(self, spec: Any) -> nn.Module:
+        """The model a teacher / student section describes (loaded, cut from the teacher, or new)."""
+        raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of one model on the eval set, run at the end of every epoch."""
-        ...
+        """Metrics of one model on the eval set (``eval_*`` keys), run at the end of every epoch."""
+        raise NotImplementedError
 
     def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """The final comparison: ``{"models": {name: {metric: value}}, "headline": [...], ...}``."""
-        ...
+        raise NotImplementedError
+
+    # ----- hooks with defaults -----------------------------------------------------------------
+
+    def batch_transform(self, spec: Any) -> BatchTransform | None:
+        """Batch-time randomness for training the model of ``spec`` (image jitter, MLM masking)."""
+        return None
+
+    def objective(self) -> Objective:
+        """The distilled student's objective: Hinton's α-mix of the recipe's ``distillation``
+        section, its feature terms, and the logit range both heads share."""
+        d = self.recipe.distillation
+        cache = self.recipe.teacher_cache
+        features = [Term(f.loss, f.weight, student=f.student, teacher=f.teacher) for f in d.features]
+        return Objective.hinton(d.alpha, d.temperature, d.loss, features=features,
+                                sparse_leftover=cache.leftover if cache else "bucket",
+                                vocab_size=self.shared_vocab_size, **d.params)
+
+    def distillation_set(self, teacher: nn.Module, run_dir: Path) -> Dataset:
+        """The examples the student distils on (e.g. the teacher's own completions); default the transfer set."""
+        return self.transfer_set
+
+    def rollout(self, seed: int) -> Rollout | None:
+        """An on-policy hook that lets the student write a batch's completions; default none."""
+        return None
+
+    def load_model(self, folder: Path) -> nn.Module:
+        """A model this task saved (a finished stage's folder)."""
+        return load_model(folder)
+
+    def save_extras(self, folder: Path) -> None:
+        """Files to save beside a trained model (a tokenizer, a processor); default none."""

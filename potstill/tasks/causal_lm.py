@@ -24,19 +24,19 @@ from tqdm.auto import tqdm
 
 from ..config import ModelSpec, Recipe, RecipeError, TrainSpec, _Section
 from ..data import VENDORED_TEXT
+from ..data.text import read_text
 from ..io import write_json
 from ..losses import IGNORE_INDEX, get_loss, kl_divergence
 from ..models import count_parameters, evaluating
 from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
 from ..students import LayerSelection, make_student, transfer_vocabulary
-from .base import Batch
+from .base import Batch, Task
 from .lm_data import (
     Encoder,
     collate,
     completion_tokens,
     read_pairs,
-    read_text,
     spread,
     teacher_view,
     text_chunks,
@@ -143,13 +143,15 @@ def _head_rows(model: nn.Module) -> int | None:
     return getattr(head, "out_features", None)
 
 
-class CausalLM:
+class CausalLM(Task):
     """Next-token distillation; examples are built by :class:`~.lm_data.Encoder`."""
 
+    name = "causal-lm"
+    recipe_type = CausalLMRecipe
     headline = ("bits_per_byte", "agreement")
 
     def __init__(self, recipe: CausalLMRecipe, progress: bool = True):
-        self.recipe, self.progress = recipe, progress
+        super().__init__(recipe, progress)
         r, data = recipe, recipe.data
         self._teacher: nn.Module | None = None
         train_texts, train_sources, eval_sources = self._sources(data)
@@ -252,9 +254,6 @@ class CausalLM:
 
     def collate(self, examples: list[dict[str, Any]]) -> Batch:
         return collate(examples)
-
-    def training_collate(self, spec: ModelSpec):
-        return self.collate
 
     # ----- models ------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,7 +17,7 @@ from ..config import ModelSpec, Recipe, TrainSpec, _Section
 from ..data.mnist import load_mnist
 from ..metrics import accuracy, agreement, held_out_kl, per_class_accuracy
 from ..models import MLP, count_parameters, evaluating, load_model
-from .base import Batch
+from .base import Batch, BatchTransform, Task
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 28 * 28
@@ -64,25 +64,33 @@ class ImageClassificationRecipe(Recipe):
     student: MLPSpec = Field(default_factory=MLPSpec)
 
 
-def shift_images(images: Tensor, pixels: int) -> Tensor:
+def shift_images(images: Tensor, pixels: int, generator: torch.Generator | None = None) -> Tensor:
     """Translate each flattened 28×28 image by a random offset in [−pixels, pixels]² (zero fill).
 
     Hinton et al. 2015 §3 trained the MNIST teacher on inputs "jittered by up to two pixels".
     """
     n = len(images)
     padded = F.pad(images.view(n, 28, 28), (pixels, pixels, pixels, pixels))
-    dx, dy = torch.randint(0, 2 * pixels + 1, (2, n)).tolist()
+    dx, dy = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).tolist()
     out = torch.stack([padded[i, y : y + 28, x : x + 28] for i, (x, y) in enumerate(zip(dx, dy, strict=True))])
     return out.reshape(n, -1)
 
 
-class ImageClassification:
+def _jittered(batch: Batch, generator: torch.Generator, pixels: int) -> Batch:
+    images = shift_images(batch.student_inputs, pixels, generator)
+    return Batch(student_inputs=images, teacher_inputs=images, labels=batch.labels)
+
+
+class ImageClassification(Task):
     """MNIST split into train / eval with a fixed seed; the student and teacher read the same image."""
 
+    name = "image-classification"
+    recipe_type = ImageClassificationRecipe
     #: metrics.json keys the table and the report lead with
     headline = ("accuracy", "agreement")
 
     def __init__(self, recipe: ImageClassificationRecipe, progress: bool = True):
+        super().__init__(recipe, progress)
         data = recipe.data
         images, labels = load_mnist(data.path)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(data.split_seed))
@@ -103,25 +111,25 @@ class ImageClassification:
             self.transfer_set = Subset(self.train_set, keep.nonzero().flatten().tolist())
         if len(self.transfer_set) == 0:
             raise ValueError("the transfer set is empty: check data.train_limit and data.exclude_from_transfer")
-        self.progress = progress
 
     @staticmethod
-    def collate(examples: list[tuple[Tensor, Tensor]], jitter: int = 0) -> Batch:
-        """Stack images and labels; ``jitter > 0`` shifts each image by up to that many pixels."""
+    def collate(examples: list[tuple[Tensor, Tensor]]) -> Batch:
+        """Stack images and labels."""
         images = torch.stack([x for x, _ in examples])
         labels = torch.stack([y for _, y in examples])
-        if jitter:
-            images = shift_images(images, jitter)
         return Batch(student_inputs=images, teacher_inputs=images, labels=labels)
 
-    def training_collate(self, spec: ModelSpec) -> Callable[[list[Any]], Batch]:
-        """The collate for training a model of ``spec`` (teachers may train on jittered images)."""
+    def batch_transform(self, spec: ModelSpec) -> BatchTransform | None:
+        """Teachers may train on jittered images (each shifted by up to ``spec.jitter`` pixels)."""
         jitter = getattr(spec, "jitter", 0)
-        return partial(self.collate, jitter=jitter) if jitter else self.collate
+        return partial(_jittered, pixels=jitter) if jitter else None
 
     @staticmethod
     def build_model(spec: MLPSpec) -> nn.Module:
         if spec.model_name_or_path:
+            if not Path(spec.model_name_or_path, "config.json").is_file():
+                raise FileNotFoundError(f"field 'teacher.model_name_or_path': {spec.model_name_or_path} is not a model "
+                                        "folder saved by potstill (no config.json there)")
             return load_model(spec.model_name_or_path)
         return MLP(IMAGE_SIZE, NUM_CLASSES, spec.hidden_sizes, dropout=spec.dropout,
                    input_dropout=spec.input_dropout)

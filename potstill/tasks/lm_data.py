@@ -42,16 +42,6 @@ def spread(items: list[Any], count: int | None) -> list[Any]:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def read_text(path: str | Path) -> str:
-    """A text file as str: UTF-8, or Latin-1 for the older files that are not (with a log line)."""
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        log.info("%s is not UTF-8; reading it as Latin-1", path)
-        return raw.decode("latin-1")
-
-
 def read_pairs(path: str | Path) -> list[Source]:
     """JSON lines of ``{"prompt": ..., "completion": ...}`` or ``{"messages": [...]}`` (the last
     message is the completion); a bad line names the file and line number."""

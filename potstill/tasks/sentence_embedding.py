@@ -18,12 +18,13 @@ from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
 from ..data import VENDORED_SENTENCES
+from ..data.text import read_text
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
 from ..students import LayerSelection, make_student
-from .base import Batch
-from .lm_data import read_text, spread
+from .base import Batch, Task
+from .lm_data import spread
 
 
 class SentencesData(_Section):
@@ -113,13 +114,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class SentenceEmbedding:
+class SentenceEmbedding(Task):
+    """DistilBERT-style: an encoder student cut from a pretrained encoder, matched on pooled embeddings."""
+
+    name = "sentence-embedding"
+    recipe_type = SentenceEmbeddingRecipe
     headline = ("spearman", "top10_overlap", "cosine_to_teacher")
 
     def __init__(self, recipe: SentenceEmbeddingRecipe, progress: bool = True):
         from transformers import AutoTokenizer
 
-        self.recipe, self.progress = recipe, progress
+        super().__init__(recipe, progress)
         data = recipe.data
         files = data.files or [str(VENDORED_SENTENCES)]
         sentences = [line.strip() for f in files for line in read_text(f).splitlines() if line.strip()]
@@ -137,9 +142,6 @@ class SentenceEmbedding:
                              return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         return Batch(student_inputs=inputs, teacher_inputs=inputs, mask=enc["attention_mask"])
-
-    def training_collate(self, spec: ModelSpec):
-        return self.collate
 
     def _pretrained(self, path: str, trust_remote_code: bool = False) -> nn.Module:
         from transformers import AutoModel
