@@ -81,8 +81,20 @@ class FeatureTermSpec(_Section):
 
     student: str
     teacher: str
-    loss: Literal["mse", "cosine", "attention", "attention_kl", "similarity"] = "mse"
+    #: a registered loss on features: kind "features" or "attention-maps", or "logits" (mse)
+    loss: str = "mse"
     weight: float = Field(1.0, ge=0)
+
+    @field_validator("loss")
+    @classmethod
+    def _feature_loss(cls, name: str) -> str:
+        allowed = sorted(n for n, s in LOSSES.items() if s.kind in ("logits", "features", "attention-maps"))
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            what = f"loss {name!r} does not compare features" if name in LOSSES else f"unknown feature loss {name!r}"
+            raise ValueError(f"{what}; allowed: {', '.join(allowed)}{hint}")
+        return name
 
 
 class DistillationSpec(_Section):

@@ -35,6 +35,19 @@ def reverse_kl(s, t, temperature=1.0):
 
 
 def jsd(s, t, beta=0.5, temperature=1.0):
+    """GKD's generalized JSD (Agarwal et al. 2024, eq. 1): β·KL(p_T‖M) + (1−β)·KL(p_S‖M),
+    M = β·p_T + (1−β)·p_S; forward KL at β = 0 and reverse KL at β = 1 (the paper's ends, TRL's)."""
+    p_t, p_s = softmax(t, temperature), softmax(s, temperature)
+    if beta == 0:
+        return temperature**2 * kl_rows(p_t, p_s)
+    if beta == 1:
+        return temperature**2 * kl_rows(p_s, p_t)
+    m = beta * p_t + (1 - beta) * p_s
+    return temperature**2 * (beta * kl_rows(p_t, m) + (1 - beta) * kl_rows(p_s, m))
+
+
+def interpolated_jsd(s, t, beta=0.5, temperature=1.0):
+    """(1−β)·KL(p_T‖M) + β·KL(p_S‖M) with the same M: continuous from forward to reverse KL."""
     p_t, p_s = softmax(t, temperature), softmax(s, temperature)
     m = beta * p_t + (1 - beta) * p_s
     return temperature**2 * ((1 - beta) * kl_rows(p_t, m) + beta * kl_rows(p_s, m))

@@ -31,6 +31,10 @@ def test_unknown_keys_get_did_you_mean():
     ({"student": {"hidden_sizes": [64, 0]}}, "student.hidden_sizes", ">= 1"),
     ({"distillation": {"loss": "jds"}}, "distillation.loss", "did you mean 'jsd'"),
     ({"distillation": {"loss": "kl", "params": {"beta": 0.5}}}, "distillation", "no parameter 'beta'"),
+    ({"distillation": {"features": [{"student": "a", "teacher": "b", "loss": "cosin"}]}},
+     "distillation.features.0.loss", "did you mean 'cosine'"),
+    ({"distillation": {"features": [{"student": "a", "teacher": "b", "loss": "kl"}]}},
+     "distillation.features.0.loss", "'kl' does not compare features; allowed: attention, attention_kl, cosine, mse"),
 ])
 def test_bad_values_name_the_field_and_allowed_values(data, field, expected):
     message = error_of(data)
@@ -62,3 +66,16 @@ def test_yaml_no_and_off_mean_what_they_say():
     recipe = load_recipe("mnist", ["train.mixed_precision=no", "train.fused_loss=off", "baseline=no"])
     assert recipe.train.mixed_precision == "no" and recipe.train.fused_loss is False and recipe.baseline is False
     assert load_recipe("mnist", ["train.fused_loss=true"]).train.fused_loss is True
+
+
+def test_feature_term_losses_are_the_registrys(monkeypatch):
+    from potstill.losses import LOSSES, LossSpec, cosine_loss
+
+    def feature_term(loss: str) -> dict:
+        return {"distillation": {"features": [{"student": "a", "teacher": "b", "loss": loss}]}}
+
+    for loss in ("mse", "cosine", "attention", "attention_kl", "similarity"):
+        assert parse_recipe(feature_term(loss)).distillation.features[0].loss == loss
+    assert "unknown feature loss 'my_feature_loss'" in error_of(feature_term("my_feature_loss"))
+    monkeypatch.setitem(LOSSES, "my_feature_loss", LossSpec(cosine_loss, "features"))  # one line in the registry
+    assert parse_recipe(feature_term("my_feature_loss")).distillation.features[0].loss == "my_feature_loss"

@@ -15,6 +15,7 @@ DIVERGENCES = {
     "kl": L.kl_divergence,
     "reverse_kl": L.reverse_kl,
     "jsd": L.jsd,
+    "interpolated_jsd": L.interpolated_jsd,
     "skew_kl": L.skew_kl,
     "skew_reverse_kl": L.skew_reverse_kl,
     "tvd": L.total_variation,
@@ -61,13 +62,25 @@ def test_zero_iff_equal(pair, temperature, name, shift):
 
 
 @config
-@given(pair=logit_pairs(), temperature=temperatures)
-def test_jsd_half_is_symmetric_and_bounded_by_log2(pair, temperature):
+@given(pair=logit_pairs(), temperature=temperatures, name=st.sampled_from(["jsd", "interpolated_jsd"]))
+def test_jsd_half_is_symmetric_and_bounded_by_log2(pair, temperature, name):
     s, t = pair
-    a = L.jsd(s, t, beta=0.5, temperature=temperature, reduction="none")
-    b = L.jsd(t, s, beta=0.5, temperature=temperature, reduction="none")
+    a = DIVERGENCES[name](s, t, beta=0.5, temperature=temperature, reduction="none")
+    b = DIVERGENCES[name](t, s, beta=0.5, temperature=temperature, reduction="none")
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert a.max().item() <= math.log(2) * temperature**2 + 1e-12
+
+
+@config
+@given(pair=logit_pairs(), temperature=temperatures, name=st.sampled_from(["jsd", "interpolated_jsd"]),
+       # not a β so close to an end that 1 − β rounds to 1: GKD's JSD jumps to the KL there
+       beta=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(1e-6, 1 - 1e-6)))
+def test_jsd_swapping_the_two_sides_mirrors_beta(pair, temperature, name, beta):
+    """Both weightings share the mixture M = β·p_T + (1−β)·p_S, so D(β; s, t) = D(1−β; t, s)."""
+    s, t = pair
+    a = DIVERGENCES[name](s, t, beta=beta, temperature=temperature, reduction="none")
+    b = DIVERGENCES[name](t, s, beta=1.0 - beta, temperature=temperature, reduction="none")
+    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
 @config
@@ -88,7 +101,8 @@ def test_uld_invariant_to_permutation_and_zero_padding(pair, temperature, seed, 
 
 
 @config
-@given(pair=logit_pairs(), name=st.sampled_from(["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"]))
+@given(pair=logit_pairs(), name=st.sampled_from(["kl", "reverse_kl", "jsd", "interpolated_jsd", "skew_kl",
+                                                        "skew_reverse_kl"]))
 def test_kl_times_t_squared_stays_finite_as_t_grows(pair, name):
     s, t = pair
     values = [DIVERGENCES[name](s, t, temperature=temp).item() for temp in (1.0, 10.0, 100.0, 1e4)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ PAIRWISE = {
     "reverse_kl": (L.reverse_kl, ref.reverse_kl, {}),
     "jsd": (L.jsd, ref.jsd, {"beta": 0.3}),
     "jsd_half": (L.jsd, ref.jsd, {"beta": 0.5}),
+    "jsd_0.9": (L.jsd, ref.jsd, {"beta": 0.9}),
+    "interpolated_jsd": (L.interpolated_jsd, ref.interpolated_jsd, {"beta": 0.3}),
     "skew_kl": (L.skew_kl, ref.skew_kl, {"skew": 0.2}),
     "skew_reverse_kl": (L.skew_reverse_kl, ref.skew_reverse_kl, {"skew": 0.2}),
     "tvd": (L.total_variation, ref.tvd, {}),
@@ -186,18 +189,76 @@ def test_bad_arguments_are_clear_errors():
         L.kl_divergence(s, s, reduction="batchmean")
     with pytest.raises(ValueError, match="mask has shape"):
         L.kl_divergence(s, s, mask=torch.ones(3, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
         L.jsd(s, s, beta=1.5)
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+        L.jsd(s, s, beta=-0.1)
+    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+        L.interpolated_jsd(s, s, beta=1.5)
 
 
 # --- JSD endpoints and the Hinton mix ---------------------------------------------------------
 
-def test_jsd_endpoints_are_exactly_the_two_kls():
+@pytest.mark.parametrize("fn", [L.jsd, L.interpolated_jsd])
+def test_jsd_endpoints_are_exactly_the_two_kls(fn):
     s, t = logits(5, 9, seed=27), logits(5, 9, seed=28)
-    torch.testing.assert_close(L.jsd(s, t, beta=0.0, temperature=2.0), L.kl_divergence(s, t, temperature=2.0),
+    torch.testing.assert_close(fn(s, t, beta=0.0, temperature=2.0), L.kl_divergence(s, t, temperature=2.0),
                                rtol=1e-12, atol=0)
-    torch.testing.assert_close(L.jsd(s, t, beta=1.0, temperature=2.0), L.reverse_kl(s, t, temperature=2.0),
+    torch.testing.assert_close(fn(s, t, beta=1.0, temperature=2.0), L.reverse_kl(s, t, temperature=2.0),
                                rtol=1e-12, atol=0)
+    np.testing.assert_allclose(fn(s, t, beta=0.0, reduction="none").numpy(), ref.jsd(s.numpy(), t.numpy(), beta=0.0))
+    np.testing.assert_allclose(fn(s, t, beta=1.0, reduction="none").numpy(), ref.jsd(s.numpy(), t.numpy(), beta=1.0))
+
+
+def test_paper_jsd_ends_are_limits_of_the_scaled_loss_and_interpolated_jsd_is_continuous():
+    """GKD's JSD(β) ≈ β·KL(p_T‖p_S) near β = 0 and (1−β)·KL(p_S‖p_T) near β = 1: its ends are the
+    limits of JSD(β)/β and JSD(β)/(1−β), not of JSD(β). The interpolated variant reaches them itself."""
+    s, t = logits(4, 7, seed=35), logits(4, 7, seed=36)
+    forward, reverse = L.kl_divergence(s, t, temperature=1.5), L.reverse_kl(s, t, temperature=1.5)
+    eps = 1e-6
+    assert (L.jsd(s, t, beta=eps, temperature=1.5) / eps).item() == pytest.approx(forward.item(), rel=1e-4)
+    assert (L.jsd(s, t, beta=1 - eps, temperature=1.5) / eps).item() == pytest.approx(reverse.item(), rel=1e-4)
+    assert L.interpolated_jsd(s, t, beta=eps, temperature=1.5).item() == pytest.approx(forward.item(), rel=1e-4)
+    assert L.interpolated_jsd(s, t, beta=1 - eps, temperature=1.5).item() == pytest.approx(reverse.item(), rel=1e-4)
+
+
+def test_paper_and_interpolated_jsd_agree_only_at_one_half():
+    s, t = logits(6, 11, seed=37), logits(6, 11, seed=38)
+    torch.testing.assert_close(L.jsd(s, t, beta=0.5), L.interpolated_jsd(s, t, beta=0.5), rtol=1e-12, atol=0)
+    for beta in (0.1, 0.9):
+        paper, interpolated = L.jsd(s, t, beta=beta).item(), L.interpolated_jsd(s, t, beta=beta).item()
+        # the paper's β weights the teacher's KL term: near an end it is a fraction of that end's KL
+        assert paper < 0.5 * interpolated
+
+
+def _trl_generalized_jsd():
+    trl = pytest.importorskip("trl")
+    from packaging.version import Version
+
+    if Version(trl.__version__) < Version("1.0"):
+        # compared with TRL 1.16; before huggingface/trl#3043 (2025) TRL mixed the two sides the other way
+        pytest.skip(f"compared with TRL >= 1.0 only, found {trl.__version__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "You are importing from 'trl.experimental'"
+        try:
+            from trl.experimental.gkd.gkd_trainer import GKDTrainer
+        except ImportError:
+            from trl import GKDTrainer
+    return GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_equals_trl_generalized_jsd_loss(beta, temperature):
+    """The same tensors through TRL's GKD loss (runs only where TRL is installed; not a dependency)."""
+    trl_jsd = _trl_generalized_jsd()
+    s, t = logits(2, 3, 13, seed=39), logits(2, 3, 13, seed=40)
+    theirs = trl_jsd(s, t, beta=beta, temperature=temperature, reduction="none").sum(-1)
+    ours = L.jsd(s, t, beta=beta, temperature=temperature, reduction="none") / temperature**2  # TRL has no T²
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    labels = torch.tensor([[1, -100, 2], [-100, 0, 5]])  # TRL's "batchmean": mean over the non-ignored tokens
+    torch.testing.assert_close(L.jsd(s, t, beta=beta, labels=labels), trl_jsd(s, t, labels=labels, beta=beta),
+                               rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(L.skew_kl(s, t, skew=0.0), L.kl_divergence(s, t), rtol=1e-12, atol=0)
     torch.testing.assert_close(L.skew_reverse_kl(s, t, skew=0.0), L.reverse_kl(s, t), rtol=1e-12, atol=0)
 
@@ -220,8 +281,9 @@ def test_kl_and_soft_cross_entropy_differ_by_teacher_entropy_only():
 # --- registry --------------------------------------------------------------------------------
 
 def test_registry_names_and_parameters():
-    assert {"kl", "reverse_kl", "jsd", "skew_kl", "tvd", "uld", "mse", "cosine", "attention"} <= set(L.LOSSES)
-    assert "beta" in L.get_loss("jsd").parameters
+    assert {"kl", "reverse_kl", "jsd", "interpolated_jsd", "skew_kl", "tvd", "uld", "mse", "cosine",
+            "attention"} <= set(L.LOSSES)
+    assert "beta" in L.get_loss("jsd").parameters and "beta" in L.get_loss("interpolated_jsd").parameters
     with pytest.raises(ValueError, match="Did you mean 'jsd'"):
         L.get_loss("jds")
     with pytest.raises(ValueError, match="no parameter 'beta'"):

@@ -7,7 +7,8 @@ import torch
 
 import potstill.losses as L
 
-DIVERGENCES = [("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("skew_kl", {"skew": 0.1}), ("tvd", {})]
+DIVERGENCES = [("kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("interpolated_jsd", {"beta": 0.3}),
+               ("skew_kl", {"skew": 0.1}), ("tvd", {})]
 
 
 @pytest.mark.parametrize(("loss", "params"), DIVERGENCES)

@@ -8,6 +8,7 @@ from ._common import IGNORE_INDEX, REDUCTIONS, Reduction, reduce, shared_vocabul
 from .divergences import (
     cross_entropy,
     hinton_loss,
+    interpolated_jsd,
     jsd,
     kl_divergence,
     logit_mse,
@@ -48,6 +49,7 @@ __all__ = [
     "cross_entropy",
     "get_loss",
     "hinton_loss",
+    "interpolated_jsd",
     "jsd",
     "kl_divergence",
     "logit_mse",

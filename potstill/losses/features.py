@@ -31,7 +31,27 @@ def _check_same(student: Tensor, teacher: Tensor, name: str) -> None:
 
 def cosine_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None,
                 labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """``1 − cos(student, teacher)`` per position (DistilBERT's hidden-state loss), in [0, 2]."""
+    """``1 − cos(student, teacher)`` per position (DistilBERT's hidden-state loss), in [0, 2].
+
+    Args:
+        student: ``[..., D]`` features (hidden states ``[B, L, D]``, pooled ``[B, D]``); map a
+            narrower student through a :class:`Projection` first.
+        teacher: ``[..., D]``, the same shape.
+        mask: ``[...]`` bool or 0/1, true where a position counts.
+        labels: ``[...]`` integers, ``-100`` where a position is ignored.
+        reduction: ``"mean"`` over the positions that count, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``[...]`` per position for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import cosine_loss
+        >>> s = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+        >>> t = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # same direction, then orthogonal
+        >>> [round(v, 4) for v in cosine_loss(s, t, reduction="none").tolist()]
+        [0.0, 1.0]
+    """
     _check_same(student, teacher, "cosine")
     keep = position_mask(student.shape[:-1], mask, labels, student.device)
     cos = F.cosine_similarity(as_float(student), as_float(teacher), dim=-1, eps=1e-8)
@@ -48,6 +68,24 @@ def similarity_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = N
     (in the spirit of Tung & Mori's similarity-preserving KD, 2019, on cosines). ``mask`` ``[B]``:
     examples left out of every pair. ``"mean"`` averages over the counted pairs; ``"none"`` gives
     the ``[B, B]`` matrix of squared differences (diagonal 0). ``labels`` are ignored.
+
+    Args:
+        student: ``[B, D_s]`` embeddings.
+        teacher: ``[B, D_t]`` embeddings of the same B examples (``D_t`` may differ from ``D_s``).
+        mask: ``[B]`` bool or 0/1, true for the examples that take part.
+        labels: accepted for the common signature; ignored.
+        reduction: ``"mean"`` over the counted pairs, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or the ``[B, B]`` squared differences for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import similarity_loss
+        >>> s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])            # the student's two are orthogonal (cos 0)
+        >>> t = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # the teacher's are parallel (cos 1)
+        >>> float(similarity_loss(s, t))  # (0 − 1)² for each of the pairs (0, 1) and (1, 0)
+        1.0
     """
     if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
         raise ValueError(f"similarity: needs embeddings [B, D] for the same B examples, got student "
@@ -64,7 +102,22 @@ def similarity_loss(student: Tensor, teacher: Tensor, *, mask: Tensor | None = N
 
 
 def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
-    """Zagoruyko & Komodakis' spatial attention: ``normalize(mean_c |A_c|^p)`` flattened, ``[B, S]``."""
+    """Zagoruyko & Komodakis' spatial attention: ``normalize(mean_c |A_c|^p)`` flattened, ``[B, S]``.
+
+    Args:
+        features: ``[B, C, *spatial]`` (a CNN's ``[B, C, H, W]``, or attention ``[B, heads, q, k]``).
+        p: the power applied to each activation's magnitude.
+
+    Returns:
+        ``[B, S]`` with ``S`` the product of the spatial sizes; each row has unit L2 norm.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import attention_map
+        >>> a = torch.tensor([[[[3.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]])  # [1, 2, 2, 2]
+        >>> attention_map(a).tolist()  # all the energy at the top-left position
+        [[1.0, 0.0, 0.0, 0.0]]
+    """
     if features.dim() < 3:
         raise ValueError(f"attention transfer needs [B, C, *spatial] features, got {tuple(features.shape)}")
     q = as_float(features).abs().pow(p).mean(dim=1).flatten(1)
@@ -79,6 +132,27 @@ def attention_transfer(student: Tensor, teacher: Tensor, *, p: float = 2.0,
     Channel counts may differ (the map averages them out); the spatial shapes must match.
     Works on CNN feature maps ``[B, C, H, W]`` and transformer attention probabilities
     ``[B, heads, L, L]`` (heads act as channels).
+
+    Args:
+        student: ``[B, C_s, *spatial]``.
+        teacher: ``[B, C_t, *spatial]``, the same batch and spatial shape.
+        p: the power of :func:`attention_map`.
+        mask: ``[B]`` bool or 0/1, true where an example counts.
+        labels: ``[B]`` integers, ``-100`` where an example is ignored.
+        reduction: ``"mean"`` over the examples that count, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``[B]`` per example for ``reduction="none"``; in ``[0, 2]``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import attention_transfer
+        >>> s = torch.zeros(1, 3, 2, 2); s[0, :, 0, 0] = 1.0  # 3 channels, all at the top left
+        >>> t = torch.zeros(1, 5, 2, 2); t[0, :, 1, 1] = 2.0  # 5 channels, all at the bottom right
+        >>> float(attention_transfer(s, t))  # ‖[1, 0, 0, 0] − [0, 0, 0, 1]‖²
+        2.0
+        >>> float(attention_transfer(s, 7 * s))  # the same map at another scale
+        0.0
     """
     if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
         raise ValueError(
@@ -99,6 +173,30 @@ def attention_kl(student: Tensor, teacher: Tensor, *, mask: Tensor | None = None
     attention): padded queries are left out of the mean and padded keys out of each row's sum.
     ``"mean"`` averages over heads and valid queries; ``"none"`` gives ``[B, heads, q]``.
     ``labels`` are accepted for the common signature and ignored (they do not mask attention rows).
+
+    Args:
+        student: ``[B, heads, q, k]`` attention probabilities (each row sums to 1).
+        teacher: ``[B, heads, q, k]``, the same shape (head counts must match).
+        mask: the attention mask ``[B, k]`` (self-attention, ``q = k``); 1 = a real token.
+        labels: accepted for the common signature; ignored.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``[B, heads, q]`` per row for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import attention_kl
+        >>> a_s = torch.tensor([0.5, 0.5]).expand(1, 1, 2, 2)   # [B=1, heads=1, q=2, k=2]
+        >>> a_t = torch.tensor([0.25, 0.75]).expand(1, 1, 2, 2)
+        >>> # each row: 0.25·ln(0.25/0.5) + 0.75·ln(0.75/0.5)
+        >>> round(float(attention_kl(a_s, a_t)), 4)
+        0.1308
+        >>> # a third, padded token: its query row (which disagrees) is left out of the mean
+        >>> a_s = torch.tensor([[[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]])
+        >>> a_t = torch.tensor([[[[0.25, 0.75, 0.0], [0.25, 0.75, 0.0], [0.0, 1.0, 0.0]]]])
+        >>> round(float(attention_kl(a_s, a_t, mask=torch.tensor([[1, 1, 0]]))), 4)
+        0.1308
     """
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError(f"attention_kl: needs attention maps [B, heads, q, k], got student "
@@ -131,7 +229,18 @@ class ChannelProjection(nn.Module):
     """A learned 1×1 convolution from the student's channels to the teacher's, for feature maps
     ``[B, C, *spatial]`` (1, 2 or 3 spatial axes) whose channel counts differ (FitNets' regressor).
 
-    ``init`` as for :class:`Projection`.
+    Args:
+        student_channels: ``C_s``, the student map's channels.
+        teacher_channels: ``C_t``, the teacher map's channels.
+        spatial_dims: 1, 2 or 3 spatial axes after the channels.
+        init: as for :class:`Projection`.
+        bias: whether the convolution has a bias (initialised to 0).
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import ChannelProjection
+        >>> ChannelProjection(16, 64)(torch.ones(2, 16, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, spatial_dims: int = 2,
@@ -170,6 +279,18 @@ class Projection(nn.Module):
     ``init``: ``"xavier"`` (default), ``"orthogonal"``, or ``"identity"`` (the leading
     ``min(d_s, d_t)`` coordinates copied, the rest zero: a projection that starts as a no-op
     when the student was cut from the teacher).
+
+    Args:
+        student_dim: ``D_s``, the student's width (the last axis).
+        teacher_dim: ``D_t``, the teacher's width.
+        init: ``"xavier"``, ``"orthogonal"`` or ``"identity"``.
+        bias: whether the map has a bias (initialised to 0).
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import Projection
+        >>> Projection(2, 3, init="identity")(torch.tensor([[[1.0, 2.0]]])).tolist()  # [B, L, D_s] → [B, L, D_t]
+        [[[1.0, 2.0, 0.0]]]
     """
 
     def __init__(self, student_dim: int, teacher_dim: int,

@@ -62,6 +62,7 @@ LOSSES: dict[str, LossSpec] = {
     "kl": LossSpec(d.kl_divergence, "divergence", scaled_by_t2=True),
     "reverse_kl": LossSpec(d.reverse_kl, "divergence", scaled_by_t2=True),
     "jsd": LossSpec(d.jsd, "divergence", scaled_by_t2=True),
+    "interpolated_jsd": LossSpec(d.interpolated_jsd, "divergence", scaled_by_t2=True),
     "skew_kl": LossSpec(d.skew_kl, "divergence", scaled_by_t2=True),
     "skew_reverse_kl": LossSpec(d.skew_reverse_kl, "divergence", scaled_by_t2=True),
     "tvd": LossSpec(d.total_variation, "divergence"),

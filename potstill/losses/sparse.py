@@ -65,6 +65,32 @@ def sparse_loss(student_logits: Tensor, target: SparseTarget, *, loss: str = "kl
 
     ``target.logprobs`` must have been computed at the same ``temperature``. The KL family is
     scaled by T² as in the dense losses.
+
+    Args:
+        student_logits: ``[..., V]``, the student's full-vocabulary logits.
+        target: the teacher's top-k, ``ids`` and ``logprobs`` ``[..., k]``, ``rest`` ``[...]``
+            (see :func:`top_k`).
+        loss: the name of a registered divergence (kind ``"divergence"``).
+        temperature: ``T > 0``; the temperature the target was stored at.
+        leftover: ``"bucket"`` or ``"renormalize"`` (see the module's docstring).
+        mask: ``[...]`` bool or 0/1, true where a position counts.
+        labels: ``[...]`` integers, ``-100`` where a position is ignored.
+        reduction: ``"mean"`` over the positions that count, ``"sum"`` or ``"none"``.
+        **params: the loss's own parameters (``beta``, ``skew``).
+
+    Returns:
+        A scalar, or ``[...]`` per position for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import sparse_loss, top_k
+        >>> p_t = torch.tensor([[0.5, 0.3, 0.2]])
+        >>> student = torch.zeros(1, 3)  # uniform: 1/3 each
+        >>> # k = 1, bucket: [0.5, rest 0.5] against [1/3, rest 2/3]
+        >>> round(float(sparse_loss(student, top_k(p_t.log(), 1))), 4)  # 0.5·ln(1.5) + 0.5·ln(0.75)
+        0.0589
+        >>> float(sparse_loss(student, top_k(p_t.log(), 1), leftover="renormalize"))  # [1] against [1]
+        0.0
     """
     spec = get_loss(loss)
     if spec.kind != "divergence":
@@ -80,7 +106,26 @@ def sparse_loss(student_logits: Tensor, target: SparseTarget, *, loss: str = "kl
 
 
 def top_k(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> SparseTarget:
-    """The top-k of a dense teacher at ``temperature`` (what the cache stores)."""
+    """The top-k of a dense teacher at ``temperature`` (what the cache stores).
+
+    Args:
+        teacher_logits: ``[..., V]``.
+        k: how many tokens to keep per position (at most ``V``).
+        temperature: ``T > 0``; the log-probabilities are those of ``softmax(logits / T)``.
+
+    Returns:
+        A :class:`SparseTarget`: ``ids`` ``[..., k]`` (int32), ``logprobs`` ``[..., k]`` and
+        ``rest`` ``[...]``, the log of the mass outside the top-k.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import top_k
+        >>> target = top_k(torch.tensor([[0.2, 0.5, 0.3]]).log(), 2)
+        >>> target.ids.tolist(), [round(p, 4) for p in target.logprobs.exp()[0].tolist()]
+        ([[1, 2]], [0.5, 0.3])
+        >>> round(float(target.rest.exp()), 4)
+        0.2
+    """
     log_t = torch.log_softmax(as_float(teacher_logits) / temperature, dim=-1)
     values, ids = log_t.topk(min(k, log_t.shape[-1]), dim=-1)
     return SparseTarget(ids.to(torch.int32), values, _log1mexp(torch.logsumexp(values, -1)))

@@ -24,6 +24,30 @@ def uld(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     softened at its own temperature (both default to ``temperature``). Invariant to any
     permutation of either vocabulary and to zero-probability padding; in [0, 2]; not scaled
     by T² (it is not a KL).
+
+    Args:
+        student_logits: ``[..., V_s]``, any leading shape.
+        teacher_logits: ``[..., V_t]``, the same leading shape (``V_t`` may differ from ``V_s``).
+        temperature: ``T > 0`` for both sides unless one is given below.
+        student_temperature: the student's own temperature (default: ``temperature``).
+        teacher_temperature: the teacher's own temperature (default: ``temperature``).
+        mask: ``[...]`` bool or 0/1, true where a position counts.
+        labels: ``[...]`` integers, ``-100`` where a position is ignored.
+        reduction: ``"mean"`` over the positions that count, ``"sum"`` or ``"none"``.
+
+    Returns:
+        A scalar, or ``[...]`` per position for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> from potstill.losses import uld
+        >>> p_s = torch.tensor([[0.5, 0.5]])       # 2 tokens
+        >>> p_t = torch.tensor([[0.2, 0.5, 0.3]])  # 3 tokens
+        >>> # sorted: [0.5, 0.5, 0] against [0.5, 0.3, 0.2] → 0 + 0.2 + 0.2
+        >>> round(float(uld(p_s.log(), p_t.log())), 4)
+        0.4
+        >>> float(uld(torch.tensor([[0.75, 0.25]]).log(), torch.tensor([[0.25, 0.75]]).log()))  # a permutation
+        0.0
     """
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
