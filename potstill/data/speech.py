@@ -503,8 +503,10 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
 
     Args:
         tokenizer: any Hugging Face tokenizer (called with ``add_special_tokens=False``).
-        prefix_ids: the decoder prompt; default :func:`whisper_prompt_ids` of the tokenizer's own
-            prefix (``tokenizer.prefix_tokens`` for a WhisperTokenizer), else an error.
+        prefix_ids: the decoder prompt, starting with the decoder start token; default
+            ``tokenizer.prefix_tokens`` (a WhisperTokenizer's, for its language and task), else an
+            error: :func:`whisper_prompt_ids` gives it for any tokenizer with Whisper's special tokens.
+            For a speech LLM (DiVA) give ``[]`` and ``suffix_ids=[]`` with ``text_prefix=""``.
         suffix_ids: default :func:`end_of_text_ids`.
         text_prefix: put before the transcript: Whisper writes a space before the first word.
         num_proc: worker processes (``datasets.map``); errors raised in a worker name the row.
@@ -519,8 +521,11 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
             own cache beside the source's Arrow files (rows read from folders and manifests live in
             memory and are not cached then).
     """
-    from datasets import Features, List, Value
+    import datasets
+    from datasets import Features, Value
     from datasets.fingerprint import Hasher
+
+    List = getattr(datasets, "List", datasets.Sequence)  # datasets < 4 calls it Sequence
 
     if on_bad_audio not in ("fail", "skip"):
         raise ValueError(f"on_bad_audio must be 'fail' or 'skip', got {on_bad_audio!r}")
