@@ -1,6 +1,11 @@
-"""Metrics on predictions: accuracy, teacher–student agreement, held-out KL."""
+"""Metrics on predictions: accuracy, teacher–student agreement, held-out KL, word error rate."""
 
 from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 from torch import Tensor
 
@@ -29,4 +34,48 @@ def per_class_accuracy(logits: Tensor, labels: Tensor, num_classes: int) -> list
             for c in range(num_classes)]
 
 
-__all__ = ["accuracy", "agreement", "held_out_kl", "per_class_accuracy"]
+#: Whisper's British → American spelling table (openai/whisper, MIT; see data/text/ATTRIBUTION.md)
+_SPELLING = Path(__file__).parent / "data" / "text" / "whisper-english-spelling.json"
+
+
+@functools.cache
+def _english_normalizer():  # type: ignore[no-untyped-def]
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(json.loads(_SPELLING.read_text(encoding="utf-8")))
+
+
+def normalize_english(text: str) -> str:
+    """Whisper's English text normaliser, as Whisper's WERs are scored.
+
+    Lower case; punctuation and bracketed/filler words ("uh", "um", "hmm") removed; contractions
+    expanded ("won't" → "will not"); numbers written as digits ("twenty-five dollars" → "$25");
+    British spellings made American ("colour" → "color"); whitespace collapsed. This is
+    ``transformers``' port of it, with the spelling table vendored from openai/whisper.
+    """
+    return _english_normalizer()(text)
+
+
+def wer(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> float:
+    """Corpus word error rate: (substitutions + deletions + insertions) / reference words, over all pairs.
+
+    With ``normalize`` both sides go through :func:`normalize_english` first (as Whisper's WERs
+    are reported); without it words are compared as written (split on whitespace). A reference
+    that is empty (after normalising) still counts its hypothesis's words as insertions.
+    """
+    import jiwer
+
+    if isinstance(references, str) or isinstance(hypotheses, str):
+        raise TypeError("wer takes sequences of transcripts, not one string")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if normalize:
+        references = [normalize_english(r) for r in references]
+        hypotheses = [normalize_english(h) for h in hypotheses]
+    if not any(r.split() for r in references):
+        raise ValueError("the references hold no words" + (" after normalising" if normalize else ""))
+    out = jiwer.process_words(list(references), list(hypotheses))
+    return (out.substitutions + out.deletions + out.insertions) / (out.substitutions + out.deletions + out.hits)
+
+
+__all__ = ["accuracy", "agreement", "held_out_kl", "normalize_english", "per_class_accuracy", "wer"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from potstill.audio import AudioError, load_audio
+from potstill.audio import AudioError, decode_audio, from_samples, load_audio
 
 
 def tone(frequency: float, rate: int, seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_another_rate_is_resampled_keeping_frequency_amplitude_and_phase(tmp_pat
     sf.write(path, np.stack([tone(440, 44100), tone(440, 44100)], axis=1), 44100, subtype="FLOAT")
     with caplog.at_level(logging.INFO, logger="potstill.audio"):
         y = load_audio(path, sample_rate=16000)
-    assert [r.getMessage() for r in caplog.records] == [f"{path}: resampled from 44100 Hz to 16000 Hz"]
+    assert [r.getMessage() for r in caplog.records] == [f"audio file {path}: resampled from 44100 Hz to 16000 Hz"]
     assert y.dtype == np.float32 and y.shape == (16000,)
     # 1 s at 16 kHz: FFT bins are 1 Hz apart, so a 440 Hz sine puts its energy in bin 440
     power = np.abs(np.fft.rfft(y)) ** 2
@@ -138,3 +138,73 @@ def test_nan_samples_are_refused(tmp_path):
 def test_the_sample_rate_must_be_a_positive_integer(tmp_path, rate):
     with pytest.raises(ValueError, match="sample_rate must be a positive number of Hz"):
         load_audio(tmp_path / "any.wav", sample_rate=rate)
+
+
+# ---- bytes (a data set's audio column), samples, silence ----------------------------------------------------------
+
+
+def wav_bytes(x: np.ndarray, rate: int, **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, x, rate, format="WAV", **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_bytes_decode_as_the_same_file_does(tmp_path, fmt):
+    path = tmp_path / f"a.{fmt.lower()}"
+    sf.write(path, np.stack([tone(440, 22050), tone(880, 22050)], axis=1), 22050, format=fmt)
+    from_bytes = decode_audio(path.read_bytes(), 16000, name="train[3]")
+    np.testing.assert_array_equal(from_bytes, load_audio(path, 16000))
+    np.testing.assert_array_equal(from_bytes, decode_audio(bytearray(path.read_bytes()), 16000))
+    assert from_bytes.shape == (16000,)
+
+
+def test_bad_bytes_are_named_by_the_given_name():
+    whole = wav_bytes(tone(440, 16000), 16000, subtype="PCM_16")
+    name = "train[17] (segment_id=abc)"
+    with pytest.raises(AudioError, match=re.escape(f"{name} is empty (0 bytes)")):
+        decode_audio(b"", name=name)
+    with pytest.raises(AudioError, match=re.escape(f"{name} cannot be decoded: it is corrupt, truncated or not audio "
+                                                   "(libsndfile: Format not recognised.)")):
+        decode_audio(b"not audio at all" * 10, name=name)
+    with pytest.raises(AudioError, match=re.escape(f"{name} is truncated: its 'data' chunk declares 32000 bytes but "
+                                                   "only 15978 are present")):
+        decode_audio(whole[:16022], name=name)
+    with pytest.raises(AudioError, match=re.escape("audio bytes holds no audio samples")):
+        decode_audio(wav_bytes(np.zeros(0, np.float32), 16000))
+
+
+def test_silence_is_refused_only_when_asked(tmp_path):
+    quiet = tone(440, 16000, amplitude=1e-4)  # RMS 7.1e-5: -83 dBFS
+    path = tmp_path / "quiet.wav"
+    sf.write(path, quiet, 16000, subtype="FLOAT")
+    assert load_audio(path).shape == (16000,)
+    with pytest.raises(AudioError, match=re.escape(f"audio file {path} is silent: its RMS amplitude is 7.07e-05, "
+                                                   "at or below silence_rms=0.0001")):
+        load_audio(path, silence_rms=1e-4)
+    assert load_audio(path, silence_rms=5e-5).shape == (16000,)
+    zeros = wav_bytes(np.zeros(800, np.float32), 8000)
+    expected = "row 4 is silent: its RMS amplitude is 0, at or below silence_rms=0"
+    with pytest.raises(AudioError, match=re.escape(expected)):
+        decode_audio(zeros, name="row 4", silence_rms=0.0)
+    with pytest.raises(ValueError, match="silence_rms must be a non-negative"):
+        decode_audio(zeros, silence_rms=-1.0)
+
+
+def test_samples_are_checked_mixed_and_resampled_as_decoded_files_are():
+    left, right = tone(440, 8000), tone(1000, 8000, amplitude=0.25)
+    stereo = np.stack([left, right], axis=1)
+    via_file = decode_audio(wav_bytes(stereo, 8000, subtype="FLOAT"))
+    np.testing.assert_array_equal(from_samples(stereo, 8000), via_file)
+    # int16 samples are scaled as libsndfile scales them
+    pcm = (left * 32767).astype(np.int16)
+    np.testing.assert_array_equal(from_samples(pcm, 8000, 8000), decode_audio(wav_bytes(pcm, 8000, subtype="PCM_16"),
+                                                                               8000))
+    with pytest.raises(AudioError, match=re.escape("eval[2] holds NaN or infinite samples")):
+        from_samples(np.array([0.1, np.inf], np.float32), 8000, name="eval[2]")
+    with pytest.raises(AudioError, match=re.escape("eval[2] holds no audio samples")):
+        from_samples(np.zeros(0, np.float32), 8000, name="eval[2]")
+    with pytest.raises(AudioError, match=re.escape("eval[2] has no valid sampling rate: None")):
+        from_samples(left, None, name="eval[2]")
