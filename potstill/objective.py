@@ -33,11 +33,16 @@ class Term:
     student: str = LOGITS
     teacher: str = LOGITS
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: count every position the batch's mask keeps, whatever its labels say: DistilBERT's KL and
+    #: hidden-state cosine cover every real token while the labels mark only the masked 15%
+    ignore_labels: bool = False
 
     def __post_init__(self) -> None:
         check_params(self.loss, dict(self.params))
         if self.weight < 0:
             raise ValueError(f"term {self.loss!r}: weight must be >= 0, got {self.weight}")
+        if self.ignore_labels and not self.uses_teacher:
+            raise ValueError(f"term {self.loss!r} compares with the labels: it cannot ignore them")
 
     @property
     def uses_teacher(self) -> bool:
@@ -203,7 +208,7 @@ class Objective(nn.Module):
                 signal = student[term.student]
                 if str(index) in self.projections:
                     signal = self.projections[str(index)](signal)
-                position_labels = labels if _per_position(labels, signal) else None
+                position_labels = labels if not term.ignore_labels and _per_position(labels, signal) else None
                 term_mask = mask if spec.kind == "attention-maps" else _fits(mask, signal)
                 fields = {name for name, used in (("labels", position_labels is not None),
                                                   ("mask", term_mask is not None)) if used}
@@ -293,7 +298,8 @@ def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
     """The (distillation, cross-entropy) terms of an objective the fused loss can compute, or raise."""
     soft = [t for t in terms if t.uses_teacher]
     hard = [t for t in terms if not t.uses_teacher]
-    if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS for t in terms) \
+    if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS or t.ignore_labels
+                                             for t in terms) \
             or (soft and get_loss(soft[0].loss).kind not in ("divergence", "logits")):
         raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
                          "this objective has other terms: turn fused_loss off")

@@ -7,9 +7,11 @@ engine and the objective never know which one runs.
 from .base import Batch, Task
 from .causal_lm import CausalLM
 from .image_classification import ImageClassification
+from .masked_lm import MaskedLM
 from .sentence_embedding import SentenceEmbedding
 
 #: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding,
+                                                                   MaskedLM)}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "Task"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "MaskedLM", "SentenceEmbedding", "Task"]

@@ -19,10 +19,13 @@ from ..objective import Objective, Term
 #: batch-time randomness (augmentation, masking): ``transform(batch, generator) -> batch``, drawing
 #: only from ``generator``, which the engine seeds per batch so that a resumed run draws the same
 BatchTransform = Callable[[Batch, torch.Generator], Batch]
+#: the generator a batch transform receives is seeded with ``seed * BATCH_SEED_STRIDE + key``: the
+#: stage's train seed, and the batch's number in the stage (epoch × batches per epoch + its place)
+BATCH_SEED_STRIDE = 1_000_003
 #: the engine's on-policy hook: ``rollout(student, batch, key) -> batch``
 Rollout = Callable[[nn.Module, Batch, int], Batch]
 
-__all__ = ["Batch", "BatchTransform", "Rollout", "Task"]
+__all__ = ["BATCH_SEED_STRIDE", "Batch", "BatchTransform", "Rollout", "Task"]
 
 
 class Task:
@@ -83,6 +86,10 @@ class Task:
         return Objective.hinton(d.alpha, d.temperature, d.loss, features=features,
                                 sparse_leftover=cache.leftover if cache else "bucket",
                                 vocab_size=self.shared_vocab_size, **d.params)
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """The run's teacher, ready (loaded or trained here), before any student is built: a task
+        whose students are cut from a teacher trained in the run keeps it; default nothing."""
 
     def distillation_set(self, teacher: nn.Module, run_dir: Path) -> Dataset:
         """The examples the student distils on (e.g. the teacher's own completions); default the transfer set."""
