@@ -129,6 +129,24 @@ def test_dynamic_masking_reads_the_epoch_from_the_engines_generator():
     assert torch.equal(masked(9), expected)
 
 
+def test_the_tasks_transform_masks_whole_words_of_the_real_tokenizer(tmp_path):
+    task = MaskedLM(tiny_recipe(tmp_path, "data.masking.whole_word=true", "data.masking.probability=0.3"),
+                    progress=False)
+    examples = task.train_set[:64]
+    batch = task.batch_transform(task.recipe.student)(task.collate(examples), torch.Generator().manual_seed(3))
+    pieces = split = 0
+    for example, labels in zip(examples, batch.labels, strict=True):
+        target, words = labels != IGNORE_INDEX, example["word_ids"]
+        for w in words.unique().tolist():
+            if w != NO_WORD:
+                picked = target[words == w]
+                assert picked.all() or not picked.any()
+                pieces += len(picked) > 1 and bool(picked.all())
+        split += sum(t.startswith("##") for t in task.tokenizer.convert_ids_to_tokens(example["input_ids"].tolist()))
+    assert split > 50 and pieces > 10  # words of several pieces were chosen whole
+    assert not (batch.labels[:, 0] != IGNORE_INDEX).any()  # [CLS] never
+
+
 # ----- the engine: accumulation and resume ----------------------------------------------------
 
 
