@@ -387,6 +387,9 @@ def test_recipe_errors_name_the_field(tmp_path):
         tiny_recipe(tmp_path, "distillation.loss=cosine")
     with pytest.raises(RecipeError, match="freeze_encoder needs encoder"):
         tiny_recipe(tmp_path, "teacher.freeze_encoder=true")
+    with pytest.raises(RecipeError, match="fused loss would skip"):
+        tiny_recipe(tmp_path, "train.fused_loss=true")
+    assert tiny_recipe(tmp_path).train.fused_loss is False  # "auto" would fuse a 30k+ vocabulary wrongly
 
 
 def test_distilbert_recipe_runs_by_name_and_the_students_learn(tmp_path):

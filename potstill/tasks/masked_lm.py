@@ -179,10 +179,16 @@ class MaskedLMRecipe(Recipe):
     distillation: MLMDistillation = Field(default_factory=MLMDistillation)  # type: ignore[assignment]
 
     @model_validator(mode="after")
-    def _live_teacher(self) -> MaskedLMRecipe:
+    def _checks(self) -> MaskedLMRecipe:
         if self.teacher_cache is not None:
             raise ValueError("teacher_cache: a cache holds the teacher's outputs on one fixed input, but masked-LM "
                              "distillation masks every sequence afresh each epoch: it needs the live teacher")
+        for where, spec in (("train", self.train), ("teacher.train", self.teacher.train)):
+            if spec.fused_loss is True:
+                raise ValueError(f"{where}.fused_loss: a masked-LM head transforms the last hidden state before its "
+                                 "output projection, which the fused loss would skip: leave it off")
+            if spec.fused_loss == "auto":  # off: "auto" would fuse a large-vocabulary head the same wrong way
+                spec.fused_loss = False
         return self
 
 
