@@ -306,7 +306,7 @@ def test_the_student_takes_every_other_teacher_layer_and_init_student_does_the_s
     teacher = task.build_model(task.recipe.teacher)
     with pytest.raises(RecipeError, match="trained in this run"):
         task.build_model(task.recipe.student)
-    task.set_teacher(teacher)
+    task.teacher = teacher  # as a run does once its teacher is ready
     student = task.build_model(task.recipe.student)
     assert student.config.num_hidden_layers == 2
     for k, layer in enumerate(student.bert.encoder.layer):

@@ -49,6 +49,8 @@ class Task:
     eval_set: Dataset
     #: logit terms compare only this many entries (heads padded beyond the tokenizer); None = all
     shared_vocab_size: int | None = None
+    #: the run's teacher, set once it exists: ``evaluate`` may report KL to it and agreement
+    teacher: nn.Module | None = None
 
     def __init__(self, recipe: Recipe, progress: bool = True):
         self.recipe, self.progress = recipe, progress
@@ -86,10 +88,6 @@ class Task:
         return Objective.hinton(d.alpha, d.temperature, d.loss, features=features,
                                 sparse_leftover=cache.leftover if cache else "bucket",
                                 vocab_size=self.shared_vocab_size, **d.params)
-
-    def set_teacher(self, teacher: nn.Module) -> None:
-        """The run's teacher, ready (loaded or trained here), before any student is built: a task
-        whose students are cut from a teacher trained in the run keeps it; default nothing."""
 
     def distillation_set(self, teacher: nn.Module, run_dir: Path) -> Dataset:
         """The examples the student distils on (e.g. the teacher's own completions); default the transfer set."""

@@ -258,7 +258,6 @@ class MaskedLM(Task):
     def __init__(self, recipe: MaskedLMRecipe, progress: bool = True):
         super().__init__(recipe, progress)
         data = recipe.data
-        self._teacher: nn.Module | None = None
         files = data.files or [str(VENDORED_TEXT)]
         texts = [read_text(f) for f in files]
         if not any(t.strip() for t in texts):
@@ -328,24 +327,22 @@ class MaskedLM(Task):
 
     # ----- models ------------------------------------------------------------------------------
 
-    def set_teacher(self, teacher: nn.Module) -> None:
-        self._teacher = teacher
-
-    def teacher(self) -> nn.Module:
-        """The run's teacher (given by :meth:`set_teacher`, or the recipe's pretrained one, loaded once)."""
-        if self._teacher is None:
+    def teacher_model(self) -> nn.Module:
+        """The run's teacher (``self.teacher``, set by the run once it is ready), or the recipe's
+        pretrained one, loaded once."""
+        if self.teacher is None:
             spec = self.recipe.teacher
             if not spec.model_name_or_path:
                 raise RecipeError("field 'student.layers_from_teacher': the teacher is trained in this run; "
-                                  "cut the student after it is ready (the run calls set_teacher)")
-            self._teacher = self.build_model(spec)
-        return self._teacher
+                                  "cut the student once it is ready (the run sets task.teacher)")
+            self.teacher = self.build_model(spec)
+        return self.teacher
 
     def build_model(self, spec: MLMSpec) -> nn.Module:
         if isinstance(spec, MLMTeacherSpec):
             model = self._teacher_model(spec)
         elif spec.layers_from_teacher is not None:
-            model = make_student(self.teacher(), spec.layers_from_teacher, self.calibration)
+            model = make_student(self.teacher_model(), spec.layers_from_teacher, self.calibration)
             if spec.init == "random":
                 model = type(model)(model.config)  # the same shape, fresh weights (seeded by the run)
             model.requires_grad_(True)  # a teacher with a frozen encoder must not freeze its student
@@ -409,8 +406,8 @@ class MaskedLM(Task):
     def _hidden_signals(self) -> tuple[str, str]:
         """The last-hidden-state signals of the student and the teacher (their encoders' paths)."""
         r = self.recipe
-        if self._teacher is not None:
-            teacher = hidden_signal(self._teacher)
+        if self.teacher is not None:
+            teacher = hidden_signal(self.teacher)
         elif r.teacher.model_name_or_path:
             teacher = _model_class(resolve(r.teacher.model_name_or_path).path).base_model_prefix
         elif r.teacher.encoder:
