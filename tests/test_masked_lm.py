@@ -147,6 +147,20 @@ def test_the_tasks_transform_masks_whole_words_of_the_real_tokenizer(tmp_path):
     assert not (batch.labels[:, 0] != IGNORE_INDEX).any()  # [CLS] never
 
 
+def test_the_wordpiece_trained_on_the_text_numbers_its_tokens_the_same_every_time():
+    """A resumed run trains its tokenizer again: the ids must not move (the trainer orders ties at random)."""
+    from potstill.data import VENDORED_TEXT
+    from potstill.data.text import read_text
+    from potstill.tasks.mlm_data import train_wordpiece
+
+    text = [read_text(VENDORED_TEXT)]
+    first = train_wordpiece(text, 300)
+    assert all(train_wordpiece(text, 300).get_vocab() == first.get_vocab() for _ in range(3))
+    assert first.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    ids = first("First Citizen: speak.")["input_ids"]
+    assert first.decode(ids, skip_special_tokens=True) == "first citizen : speak."
+
+
 # ----- the engine: accumulation and resume ----------------------------------------------------
 
 

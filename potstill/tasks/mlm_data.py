@@ -42,6 +42,11 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, CLS, SEP, MASK],
                                         show_progress=False)
     tok.train_from_iterator((line for text in texts for line in text.splitlines()), trainer)
+    # the trainer numbers tokens of equal frequency in a different order from run to run: number them
+    # in a fixed one (special tokens, then the rest sorted), so that a resumed run reads the same ids
+    specials = [PAD, UNK, CLS, SEP, MASK]
+    order = specials + sorted(set(tok.get_vocab()) - set(specials))
+    tok.model = models.WordPiece({token: i for i, token in enumerate(order)}, unk_token=UNK)
     cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)])
