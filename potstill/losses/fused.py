@@ -260,7 +260,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_unused: Tensor):
-        grads, ctx.grads = ctx.grads, None  # let autograd own them (no clone into .grad)
+        grads = ctx.grads  # kept: a retained graph may be differentiated again
         if grad_output.item() != 1.0:  # 1.0 is the common case: no copy of the head-sized gradient
             grads = tuple(g * grad_output.to(g.dtype) if g is not None else None for g in grads)
         return (*grads, None, None, None, None)
