@@ -112,9 +112,8 @@ def test_each_closed_form_gradient_is_autograds(loss, params, temperature):
     cg.log_softmax_(ls, temperature, q)
     cg.log_softmax_(lt, temperature, p)
     q_before = q.clone()
-    value, grad, factor = cg.kernel_for(loss, params)(ls, q, lt, p, temperature, **params)
-    if factor is not None:
-        grad = grad * factor[:, None]
+    value, grad, coef = cg.kernel_for(loss, params)(ls, q, lt, p, temperature, **params)
+    grad = grad * (coef[:, None] if isinstance(coef, torch.Tensor) else coef)
     torch.testing.assert_close(value, want_value, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-8, atol=1e-11)
     assert torch.equal(q, q_before)  # the CE term may share it
@@ -158,7 +157,7 @@ def test_jsd_closed_form_follows_the_registered_convention(monkeypatch):
 def test_fused_with_a_cached_top_k_teacher_equals_sparse_loss(loss, params, leftover, alpha, temperature, k):
     hidden, weight, bias, t_hidden, t_weight, labels = problem()
     target = L.top_k(t_hidden @ t_weight.T, k, temperature)
-    want_total, want_soft, want_hard = unfused(hidden @ weight.T + bias, target, labels, loss, alpha, "mean",
+    want_total, want_soft, _ = unfused(hidden @ weight.T + bias, target, labels, loss, alpha, "mean",
                                                temperature=temperature, leftover=leftover, **params)
     want = torch.autograd.grad(want_total, (hidden, weight, bias))
     out = fused_linear_loss(HeadInputs(hidden, weight, bias), target, labels=labels, loss=loss, alpha=alpha,
@@ -240,7 +239,7 @@ def test_default_chunk_size_follows_the_vocabulary_dtype_and_budget():
 
 
 def test_fused_errors():
-    hidden, weight, bias, t_hidden, t_weight, labels = problem()
+    hidden, weight, _, t_hidden, t_weight, _ = problem()
     t_logits = t_hidden @ t_weight.T
     head = HeadInputs(hidden, weight)
     with pytest.raises(ValueError, match="uld"):

@@ -79,9 +79,10 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
 def log_softmax_(x: Tensor, temperature: float, probs: Tensor) -> None:
     """In place: ``x ← log softmax(x / T)``, and ``probs ← softmax(x / T)``."""
     top = x.amax(-1, keepdim=True)
-    x.sub_(top)
-    if temperature != 1.0:
-        x.mul_(1.0 / temperature)
+    if temperature == 1.0:
+        x.sub_(top)
+    else:  # (x − top) / T in one pass
+        torch.add(top * (-1.0 / temperature), x, alpha=1.0 / temperature, out=x)
     torch.exp(x, out=probs)
     total = probs.sum(-1, keepdim=True)
     x.sub_(total.log())
@@ -94,26 +95,28 @@ def _clamped(value: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Each dense kernel gets log q, q, log p, p (``ls, q, lt, p``) as [C, V] buffers at T, may
-# overwrite any of them except q, and returns (per-position value, gradient of the logits, row
-# factor or None); the gradient lives in one of the buffers.
-Kernel = Callable[..., tuple[Tensor, Tensor, Tensor | None]]
+# overwrite any of them except q, and returns (per-position value, G, c): the gradient of the
+# logits is ``c · G`` (c a number or one per row), G in one of the buffers; the caller applies c
+# with its own row weights in one pass.
+Coefficient = float | Tensor
+Kernel = Callable[..., tuple[Tensor, Tensor, Coefficient]]
 
 
-def _kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def _kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, Coefficient]:
     value, alive = _clamped(rowdot(p, lt.sub_(ls)))
-    return value * t**2, torch.sub(q, p, out=ls).mul_(t), alive
+    return value * t**2, torch.sub(q, p, out=ls), t * alive
 
 
-def _soft_cross_entropy(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, None]:
+def _soft_cross_entropy(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, Coefficient]:
     value = -rowdot(p, ls)
-    return value * t**2, torch.sub(q, p, out=ls).mul_(t), None
+    return value * t**2, torch.sub(q, p, out=ls), t
 
 
-def _reverse_kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def _reverse_kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float) -> tuple[Tensor, Tensor, Coefficient]:
     diff = ls.sub_(lt)  # log q − log p
     raw = rowdot(q, diff)
     value, alive = _clamped(raw)
-    return value * t**2, diff.sub_(raw[:, None]).mul_(q).mul_(t), alive
+    return value * t**2, diff.sub_(raw[:, None]).mul_(q), t * alive
 
 
 def _log_mixture_(into: Tensor, log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -129,27 +132,27 @@ def _skew_kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float, skew: float
     if skew == 0.0:
         return _kl(ls, q, lt, p, t)
     if skew == 1.0:  # KL(p‖p)
-        return ls.new_zeros(ls.shape[0]), ls.zero_(), None
+        return ls.new_zeros(ls.shape[0]), ls.zero_(), 0.0
     log_m = _log_mixture_(ls, lt, ls, skew)  # log m, m = a·p + (1−a)·q (ls is read block by block first)
     diff = lt.sub_(log_m)                      # log p − log m  ≤ −log a
     value, alive = _clamped(rowdot(p, diff))
     ratio = diff.exp_()                        # ρ = p / m
     centred = ratio.sub_(rowdot(q, ratio)[:, None])
-    return value * t**2, centred.mul_(q).mul_(-(1.0 - skew) * t), alive
+    return value * t**2, centred.mul_(q), -(1.0 - skew) * t * alive
 
 
 def _skew_reverse_kl(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float, skew: float = 0.1):
     if skew == 0.0:
         return _reverse_kl(ls, q, lt, p, t)
     if skew == 1.0:  # KL(q‖q)
-        return ls.new_zeros(ls.shape[0]), ls.zero_(), None
+        return ls.new_zeros(ls.shape[0]), ls.zero_(), 0.0
     log_m = _log_mixture_(lt, ls, lt, skew)   # m = a·q + (1−a)·p
     diff = ls.sub_(log_m)                     # log q − log m
     raw = rowdot(q, diff)
     value, alive = _clamped(raw)
     ratio = torch.exp(diff, out=p)            # σ = q / m
     grad = diff.add_(ratio, alpha=-skew).sub_((raw - skew * rowdot(q, ratio))[:, None])
-    return value * t**2, grad.mul_(q).mul_(t), alive
+    return value * t**2, grad.mul_(q), t * alive
 
 
 @functools.lru_cache(maxsize=64)
@@ -180,11 +183,11 @@ def _jsd(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float, beta: float = 0
     assert weights is not None  # kernel_for checks
     w_t, w_s = weights
     if beta == 0.0:  # M = q: only the teacher's term, forward KL
-        value, grad, alive = _kl(ls, q, lt, p, t)
-        return w_t * value, grad, w_t * alive
+        value, grad, coef = _kl(ls, q, lt, p, t)
+        return w_t * value, grad, w_t * coef
     if beta == 1.0:  # M = p: only the student's term, reverse KL
-        value, grad, alive = _reverse_kl(ls, q, lt, p, t)
-        return w_s * value, grad, w_s * alive
+        value, grad, coef = _reverse_kl(ls, q, lt, p, t)
+        return w_s * value, grad, w_s * coef
     for start in range(0, ls.shape[1], COLUMN_BLOCK):
         cols = slice(start, start + COLUMN_BLOCK)
         log_m = torch.logaddexp(lt[:, cols] + (math.log(beta) - math.log1p(-beta)), ls[:, cols])
@@ -202,15 +205,15 @@ def _jsd(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float, beta: float = 0
     grad = ls.mul_(c_s[:, None])
     grad.addcmul_(rho, (-(1.0 - beta) * c_t)[:, None]).addcmul_(sigma, (-(1.0 - beta) * c_s)[:, None])
     const = (1.0 - beta) * (c_t * rowdot(q, rho) + c_s * rowdot(q, sigma)) - c_s * raw_s
-    grad.add_(const[:, None]).mul_(q).mul_(t)
-    return (w_t * kl_t + w_s * kl_s) * t**2, grad, None
+    grad.add_(const[:, None]).mul_(q)
+    return (w_t * kl_t + w_s * kl_s) * t**2, grad, t
 
 
 def _total_variation(ls: Tensor, q: Tensor, lt: Tensor, p: Tensor, t: float):
     diff = torch.sub(q, p, out=lt)
     sign = torch.sign(diff, out=ls)
     value = 0.5 * rowdot(diff, sign)
-    return value, sign.sub_(rowdot(q, sign)[:, None]).mul_(q).mul_(0.5 / t), None
+    return value, sign.sub_(rowdot(q, sign)[:, None]).mul_(q), 0.5 / t
 
 
 #: closed-form kernels of the registered divergences (logits at T → value, gradient)
@@ -232,18 +235,19 @@ def kernel_for(loss: str, params: dict[str, Any]) -> Kernel | None:
     return KERNELS.get(loss)
 
 
-def logit_mse(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Raw logits in ``s``, ``t``: ``mean_V (s − t)²`` per position and its gradient (in ``s``)."""
+def logit_mse(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Coefficient]:
+    """Raw logits in ``s``, ``t``: ``mean_V (s − t)²`` per position, its gradient ``c · G`` (G in ``s``)."""
     diff = s.sub_(t)
-    return rowdot(diff, diff) / s.shape[1], diff.mul_(2.0 / s.shape[1])
+    return rowdot(diff, diff) / s.shape[1], diff, 2.0 / s.shape[1]
 
 
 def sparse_kernel(ls: Tensor, q: Tensor, target: SparseTarget, t: float, loss: str, leftover: str,
-                  params: dict[str, Any]) -> tuple[Tensor, Tensor]:
+                  params: dict[str, Any]) -> tuple[Tensor, Tensor, Coefficient]:
     """A registered divergence against a top-k teacher, as :func:`potstill.losses.sparse_loss`.
 
     ``ls``, ``q``: the student's log-probabilities and probabilities at T (``q`` is restored
-    before returning). Returns the per-position value and the gradient of the logits (in ``ls``).
+    before returning). Returns the per-position value and the gradient of the logits as ``c · G``
+    (G in ``ls``).
     """
     spec = get_loss(loss)
     ids = target.ids.long()
@@ -269,16 +273,16 @@ def sparse_kernel(ls: Tensor, q: Tensor, target: SparseTarget, t: float, loss: s
     grad = torch.mul(q, (g_out + common)[:, None], out=ls)
     grad.scatter_(1, ids, q_k * common[:, None] + g_k)
     q.scatter_(1, ids, q_k)
-    return value.detach(), grad.mul_(1.0 / t)
+    return value.detach(), grad, 1.0 / t
 
 
-def autograd_kernel(s: Tensor, teacher: Tensor, loss: str, params: dict[str, Any]) -> tuple[Tensor, Tensor]:
+def autograd_kernel(s: Tensor, teacher: Tensor, loss: str, params: dict[str, Any]) -> tuple[Tensor, Tensor, float]:
     """Any registered logit loss on raw logits, differentiated by autograd (the fallback)."""
     with torch.enable_grad():
         leaf = s.detach().requires_grad_()
         value = get_loss(loss).fn(leaf, teacher, reduction="none", **params)
         (grad,) = torch.autograd.grad(value.sum(), leaf)
-    return value.detach(), grad
+    return value.detach(), grad, 1.0
 
 
 def hard_cross_entropy(s: Tensor, labels: Tensor, probs: Tensor) -> Tensor:

@@ -118,11 +118,11 @@ def _blocks(mode: str, alpha: float, temperature: float) -> int:
 class _Accumulator:
     """The gradients of the student's hidden states, head weight and bias, summed chunk by chunk."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         self.acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-        self.weight = torch.zeros_like(weight, dtype=self.acc) if weight.requires_grad else None
-        self.bias = torch.zeros_like(bias, dtype=self.acc) if bias is not None and bias.requires_grad else None
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = torch.zeros_like(weight, dtype=self.acc) if needs[1] else None
+        self.bias = torch.zeros_like(bias, dtype=self.acc) if bias is not None and needs[2] else None
 
     def add(self, rows: slice, hidden: Tensor, weight: Tensor, grad_logits: Tensor, scratch: Tensor | None) -> None:
         """``grad_logits`` [C, V] (float32/64) of the chunk ``hidden`` [C, H] (in the matmul dtype)."""
@@ -181,7 +181,8 @@ def chunk_loss(buffers: cg.Buffers, plan: _Plan, s: Tensor, teacher: Any, labels
         if not plan.shares_softmax:
             ce_probs = buffers.get("ce" if plan.mode == "softmax" or plan.mode == "sparse" else "q", rows)
             ce = cg.hard_cross_entropy(s, targets, ce_probs)
-    value = grad = factor = None
+    value = grad = None
+    coef: cg.Coefficient = 1.0
     if plan.mode in ("softmax", "sparse"):
         q = buffers.get("q", rows)
         cg.log_softmax_(s, plan.temperature, q)
@@ -189,19 +190,19 @@ def chunk_loss(buffers: cg.Buffers, plan: _Plan, s: Tensor, teacher: Any, labels
             ce, ce_probs = -s.gather(1, targets[:, None]).squeeze(1), q
         if plan.mode == "sparse":
             sparse_params = {k: v for k, v in plan.params.items() if k != "temperature"}
-            value, grad = cg.sparse_kernel(s, q, teacher, plan.temperature, plan.loss, plan.leftover, sparse_params)
+            value, grad, coef = cg.sparse_kernel(s, q, teacher, plan.temperature, plan.loss, plan.leftover,
+                                                 sparse_params)
         else:
             p = buffers.get("p", rows)
             cg.log_softmax_(teacher, plan.temperature, p)
             kernel_params = {k: v for k, v in plan.params.items() if k != "temperature"}
-            value, grad, factor = plan.kernel(s, q, teacher, p, plan.temperature, **kernel_params)
+            value, grad, coef = plan.kernel(s, q, teacher, p, plan.temperature, **kernel_params)
     elif plan.mode == "mse":
-        value, grad = cg.logit_mse(s, teacher)
+        value, grad, coef = cg.logit_mse(s, teacher)
     elif plan.mode == "autograd":
-        value, grad = cg.autograd_kernel(s, teacher, plan.loss, plan.params)
-    if grad is not None:
-        scale = plan.alpha * weight if factor is None else plan.alpha * weight * factor
-        grad.mul_(scale[:, None])
+        value, grad, coef = cg.autograd_kernel(s, teacher, plan.loss, plan.params)
+    if grad is not None:  # the kernel's coefficient and the row weights in one pass
+        grad.mul_((plan.alpha * weight * coef)[:, None])
     if ce_probs is not None:
         ce_weight = (1.0 - plan.alpha) * weight
         if grad is None:
@@ -215,43 +216,54 @@ def chunk_loss(buffers: cg.Buffers, plan: _Plan, s: Tensor, teacher: Any, labels
     return grad, value, ce
 
 
+def accumulate(hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher: Any, labels: Tensor | None,
+               keep: Tensor | None, plan: _Plan, needs: tuple[bool, bool, bool]) -> tuple[tuple, Tensor]:
+    """Every chunk's loss and the gradients of (hidden, weight, bias) summed over chunks (those in
+    ``needs``), and the two terms' summed values (distillation, CE)."""
+    low_dtype = _matmul_dtype(hidden)
+    work = torch.float64 if low_dtype == torch.float64 else torch.float32
+    buffers = cg.Buffers(weight.shape[0], work, hidden.device)
+    grads = _Accumulator(hidden, weight, bias, needs)
+    totals = torch.zeros(2, dtype=grads.acc, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        # cast once: the matmuls run in the dtype autocast would give them
+        w, b = weight.to(low_dtype), bias.to(low_dtype) if bias is not None else None
+        if isinstance(teacher, HeadInputs):
+            teacher = HeadInputs(teacher.hidden, teacher.weight.to(low_dtype),
+                                 teacher.bias.to(low_dtype) if teacher.bias is not None else None)
+        for start in range(0, hidden.shape[0], plan.chunk):
+            rows = slice(start, start + plan.chunk)
+            h = hidden[rows].to(low_dtype)
+            n = h.shape[0]
+            low = buffers.get("low", n, low_dtype) if low_dtype != work else None
+            s = _logits_into(buffers.get("s", n), h, w, b, low)
+            t_chunk: Any = None
+            if plan.mode == "sparse":
+                t_chunk = SparseTarget(*(x[rows] for x in teacher))
+            elif plan.mode != "none":
+                t_chunk = buffers.get("t", n)
+                if isinstance(teacher, HeadInputs):
+                    _logits_into(t_chunk, teacher.hidden[rows].to(low_dtype), teacher.weight, teacher.bias, low)
+                else:
+                    t_chunk.copy_(teacher[rows])
+            m = keep[rows] if keep is not None else None
+            grad, value, ce = chunk_loss(buffers, plan, s, t_chunk, labels[rows] if labels is not None else None, m)
+            for i, part in enumerate((value, ce)):
+                if part is not None:
+                    totals[i] += (part if m is None else torch.where(m, part, 0.0)).sum().to(grads.acc)
+            grads.add(rows, h, w, grad, low)
+    return grads.result(weight, bias), totals
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher: Any,
                 labels: Tensor | None, keep: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
-        low_dtype = _matmul_dtype(hidden)
-        work = torch.float64 if low_dtype == torch.float64 else torch.float32
-        buffers = cg.Buffers(weight.shape[0], work, hidden.device)
-        grads = _Accumulator(hidden, weight, bias)
-        totals = torch.zeros(2, dtype=grads.acc, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            # cast once: the matmuls run in the dtype autocast would give them
-            w, b = weight.to(low_dtype), bias.to(low_dtype) if bias is not None else None
-            if isinstance(teacher, HeadInputs):
-                teacher = HeadInputs(teacher.hidden, teacher.weight.to(low_dtype),
-                                     teacher.bias.to(low_dtype) if teacher.bias is not None else None)
-            for start in range(0, hidden.shape[0], plan.chunk):
-                rows = slice(start, start + plan.chunk)
-                h = hidden[rows].to(low_dtype)
-                n = h.shape[0]
-                low = buffers.get("low", n, low_dtype) if low_dtype != work else None
-                s = _logits_into(buffers.get("s", n), h, w, b, low)
-                t_chunk: Any = None
-                if plan.mode == "sparse":
-                    t_chunk = SparseTarget(*(x[rows] for x in teacher))
-                elif plan.mode != "none":
-                    t_chunk = buffers.get("t", n)
-                    if isinstance(teacher, HeadInputs):
-                        _logits_into(t_chunk, teacher.hidden[rows].to(low_dtype), teacher.weight, teacher.bias, low)
-                    else:
-                        t_chunk.copy_(teacher[rows])
-                m = keep[rows] if keep is not None else None
-                grad, value, ce = chunk_loss(buffers, plan, s, t_chunk, labels[rows] if labels is not None else None, m)
-                for i, part in enumerate((value, ce)):
-                    if part is not None:
-                        totals[i] += (part if m is None else torch.where(m, part, 0.0)).sum().to(grads.acc)
-                grads.add(rows, h, w, grad, low)
-        ctx.grads = grads.result(weight, bias)
+        needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        ctx.grads, totals = accumulate(hidden, weight, bias, teacher, labels, keep, plan, needs)
+        # what a second backward through a retained graph needs to compute the gradients again
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.rest = (teacher, labels, keep, plan, needs)
         scale = 1.0 / plan.denominator
         distillation, cross_entropy = totals[0] * scale, totals[1] * scale
         total = plan.alpha * distillation + (1.0 - plan.alpha) * cross_entropy
@@ -260,7 +272,10 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_unused: Tensor):
-        grads = ctx.grads  # kept: a retained graph may be differentiated again
+        # handed over, not kept: autograd can then take them as .grad without a copy of the head-sized one
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # a second backward (retain_graph=True): compute them again
+            grads, _ = accumulate(*ctx.saved_tensors, *ctx.rest)
         if grad_output.item() != 1.0:  # 1.0 is the common case: no copy of the head-sized gradient
             grads = tuple(g * grad_output.to(g.dtype) if g is not None else None for g in grads)
         return (*grads, None, None, None, None)
