@@ -18,7 +18,8 @@ Working memory is the child process's peak resident set minus its resident set j
 loss (inputs and libraries already loaded). Time is the best of --repeats runs after one warm-up
 (the machine may be shared: the minimum is the least disturbed). The matmul FLOPs are 8·N·H·V
 (student logits, teacher logits, grad of hidden, grad of weight); the rate is reported as a
-fraction of this machine's measured sgemm rate on the same shapes (plain torch.mm, same threads).
+fraction of this machine's sgemm rate on the same shapes (plain torch.mm, same threads), measured
+in the same process right after the loss (on a shared machine, the rate it had at that time).
 
     python benchmarks/fused_loss.py --out benchmarks/results/fused_loss.json           # the table
     python benchmarks/fused_loss.py --sweep --out benchmarks/results/fused_chunks.json  # chunk sizes
@@ -87,7 +88,8 @@ def child(method: str, loss: str, n: int, h: int, v: int, repeats: int, device: 
         if method.startswith("fused"):
             chunk = int(method.split(":")[1]) if ":" in method else None
             value = fused_linear_loss(HeadInputs(hidden, weight), HeadInputs(t_hidden, t_weight), loss=loss,
-                                      chunk_size=chunk, closed_form=method != "fused-autograd", **params).loss
+                                      chunk_size=chunk, closed_form=not method.startswith("fused-autograd"),
+                                      **params).loss
         elif method == "cached-fused":
             value = fused_linear_loss(HeadInputs(hidden, weight), target, loss=loss, **params).loss
         elif method == "cached-naive":
@@ -113,8 +115,8 @@ def child(method: str, loss: str, n: int, h: int, v: int, repeats: int, device: 
     else:
         before = rss_mb()
         reset_peak_rss()
-    if warmup:
-        run()  # compiles what compiles; every run reaches the same peak (nothing is kept between calls)
+    if warmup or method == "liger":
+        run()  # Liger's torch.compile; the others keep nothing between calls (each call pays the same)
     times, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -130,7 +132,11 @@ def child(method: str, loss: str, n: int, h: int, v: int, repeats: int, device: 
     chunk = (int(method.split(":")[1]) if ":" in method else
              default_chunk_size(n, v, blocks=2 if method == "cached-fused" else 4, dtype=dt, device=device)
              if method in ("fused", "cached-fused") else None)
+    # the sgemm rate right after, in the same process: the machine may be shared, and this is the
+    # rate it gave a plain matmul at the time
+    sgemm = matmul_rate(h, v, 1024, device, dtype) if device == "cpu" or dtype == "float32" else None
     return {"method": method, "loss": loss, "n": n, "h": h, "v": v, "seconds": seconds, "all_seconds": times,
+            "sgemm_gflops": sgemm,
             "cpu_seconds": min(cpu), "peak_mb": peak, "gflops": flops * n * h * v / seconds / 1e9,
             "threads": torch.get_num_threads(), "chunk": chunk, "device": device, "dtype": dtype}
 
@@ -227,7 +233,29 @@ def main() -> None:
     out.write_text(json.dumps({"sgemm_gflops": best, "sgemm_before_after": [rates, rates_after],
                                "threads": args.threads, "device": args.device, "dtype": args.dtype,
                                "load_before": load_before, "load_after": load(), "rows": rows}, indent=2) + "\n")
-    print_table(rows, best, args)
+    if args.sweep:
+        print_sweep(rows, args)
+    else:
+        print_table(rows, best, args)
+
+
+def print_sweep(rows: list[dict], args: argparse.Namespace) -> None:
+    """Per (N, V): the time at each chunk size, and how far the default chunk is from the best."""
+    from potstill.losses.fused import default_chunk_size
+
+    print("\n| N | V | " + " | ".join(f"chunk {c}" for c in args.chunks) + " | default | default / best |")
+    print("|---|---|" + "---|" * (len(args.chunks) + 2))
+    for n, v in sorted({(r["n"], r["v"]) for r in rows}):
+        seconds = {int(r["method"].split(":")[1]): r["seconds"] for r in rows
+                   if (r["n"], r["v"]) == (n, v) and "error" not in r}
+        default = default_chunk_size(n, v)
+        cells = [f"{seconds[c]:.2f} s ({r_mb(rows, n, v, c):,.0f} MB)" if c in seconds else "—" for c in args.chunks]
+        ratio = f"{seconds[default] / min(seconds.values()):.2f}×" if default in seconds else "—"
+        print(f"| {n} | {v:,} | " + " | ".join(cells) + f" | {default} | {ratio} |")
+
+
+def r_mb(rows: list[dict], n: int, v: int, chunk: int) -> float:
+    return next(r["peak_mb"] for r in rows if (r["n"], r["v"], r["method"]) == (n, v, f"fused:{chunk}"))
 
 
 def print_table(rows: list[dict], rate: dict, args: argparse.Namespace) -> None:
@@ -259,7 +287,8 @@ def print_table(rows: list[dict], rate: dict, args: argparse.Namespace) -> None:
             ratio_t = "—"
             ratio_m = f"< {row['peak_mb'] / limit_mb:.2f}×" if naive is not None else "—"
         print(f"| {n} | {v:,} | {loss} | {method} | {row.get('chunk') or ''} | {row['seconds']:.2f} | "
-              f"{row['peak_mb']:,.0f} | {ratio_t} | {ratio_m} | {row['gflops'] / rate[v]:.0%} |")
+              f"{row['peak_mb']:,.0f} | {ratio_t} | {ratio_m} | "
+              f"{row['gflops'] / (row.get('sgemm_gflops') or rate[v]):.0%} |")
 
 
 if __name__ == "__main__":

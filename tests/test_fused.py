@@ -281,3 +281,30 @@ def test_objective_fusable_terms():
     assert Objective.hinton(alpha=0.5).fusable
     assert not Objective([Term("kl"), Term("cross_entropy", params={"label_smoothing": 0.1})]).fusable
     assert not Objective([Term("kl"), Term("reverse_kl")]).fusable
+
+
+def test_training_from_a_cache_with_the_fused_head_follows_the_materialised_one(tmp_path):
+    """The engine fuses with a cached teacher now: same run, fused or not, ends in the same place, and the
+    log keeps the kl and cross_entropy columns."""
+    from potstill.config import load_recipe
+    from potstill.distill import distill
+    from tests.test_teacher_cache import TINY_LM
+
+    base = [*TINY_LM, "train.epochs=2", "train.learning_rate=1e-2", "distillation.temperature=2.0",
+            "distillation.alpha=0.7", "teacher_cache={top_k: 16, dtype: float32}"]
+    plain = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=false"]), tmp_path / "plain", progress=False)
+    fused = distill(load_recipe("tiny-lm", [*base, "train.fused_loss=true"]), tmp_path / "fused", progress=False)
+    a, b = plain.metrics["models"]["student"], fused.metrics["models"]["student"]
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+    assert b["kl_to_teacher"] == pytest.approx(a["kl_to_teacher"], rel=1e-3)
+    log = (tmp_path / "fused" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"kl", "cross_entropy"} <= set(log) and "fused" not in log
+
+
+def test_no_tokens_gives_zero_loss_and_zero_gradients():
+    _, weight, bias, _, t_weight, _ = problem()
+    hidden = torch.zeros(0, 16, dtype=torch.float64, requires_grad=True)
+    out = fused_linear_loss(HeadInputs(hidden, weight, bias), HeadInputs(torch.zeros(0, 24, dtype=torch.float64),
+                                                                         t_weight))
+    out.loss.backward()
+    assert out.loss.item() == 0 and weight.grad.abs().sum() == 0 and bias.grad.abs().sum() == 0

@@ -120,9 +120,11 @@ class _Accumulator:
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]):
         self.acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # the first chunk writes, the others add: no zero-fill pass over the head-sized gradient
         self.hidden = torch.empty_like(hidden) if needs[0] else None
-        self.weight = torch.zeros_like(weight, dtype=self.acc) if needs[1] else None
-        self.bias = torch.zeros_like(bias, dtype=self.acc) if bias is not None and needs[2] else None
+        self.weight = torch.empty_like(weight, dtype=self.acc) if needs[1] else None
+        self.bias = torch.empty_like(bias, dtype=self.acc) if bias is not None and needs[2] else None
+        self.started = False
 
     def add(self, rows: slice, hidden: Tensor, weight: Tensor, grad_logits: Tensor, scratch: Tensor | None) -> None:
         """``grad_logits`` [C, V] (float32/64) of the chunk ``hidden`` [C, H] (in the matmul dtype)."""
@@ -133,11 +135,22 @@ class _Accumulator:
                 low = scratch.copy_(grad_logits) if scratch is not None else grad_logits.to(weight.dtype)
                 self.hidden[rows] = (low @ weight).to(self.hidden.dtype)
         if self.weight is not None:
-            self.weight.addmm_(grad_logits.t().to(self.acc), hidden.to(self.acc))
+            if self.started:
+                self.weight.addmm_(grad_logits.t().to(self.acc), hidden.to(self.acc))
+            else:
+                torch.mm(grad_logits.t().to(self.acc), hidden.to(self.acc), out=self.weight)
         if self.bias is not None:
-            self.bias += grad_logits.sum(0).to(self.acc)
+            if self.started:
+                self.bias += grad_logits.sum(0).to(self.acc)
+            else:
+                torch.sum(grad_logits, 0, dtype=self.acc, out=self.bias)
+        self.started = True
 
     def result(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor | None, ...]:
+        if not self.started:  # no tokens at all
+            for grad in (self.weight, self.bias):
+                if grad is not None:
+                    grad.zero_()
         return (self.hidden,
                 self.weight.to(weight.dtype) if self.weight is not None else None,
                 self.bias.to(bias.dtype) if self.bias is not None and bias is not None else None)
