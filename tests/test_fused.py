@@ -284,8 +284,8 @@ def test_objective_fusable_terms():
 
 
 def test_training_from_a_cache_with_the_fused_head_follows_the_materialised_one(tmp_path):
-    """The engine fuses with a cached teacher now: same run, fused or not, ends in the same place, and the
-    log keeps the kl and cross_entropy columns."""
+    """The engine fuses with a cached teacher now (fused_loss: true used to be refused with a cache): same run,
+    fused or not, ends in the same place, and the log keeps the kl and cross_entropy columns."""
     from potstill.config import load_recipe
     from potstill.distill import distill
     from tests.test_teacher_cache import TINY_LM
