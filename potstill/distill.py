@@ -175,6 +175,7 @@ class Run:
         if run.accelerator.is_main_process:
             run.created = prepare_run_dir(recipe, run.run_dir, overwrite)
         run.accelerator.wait_for_everyone()
+        run.task.run_dir = run.run_dir
         return run
 
     @contextmanager

@@ -42,7 +42,12 @@ def write_report(run_dir: str | Path) -> Path:
             evals[row["stage"]][0].append(float(row["epoch"]))
             evals[row["stage"]][1].append(float(row[eval_key]))
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    names = list(metrics["models"])
+    groups = _headline_groups(metrics, names)
+    example = metrics.get("softening_example")
+    fig, axes = plt.subplots(1, 2 + len(groups) + (example is not None),
+                             figsize=(5 * (2 + len(groups) + (example is not None)), 4.5), squeeze=False)
+    axes = axes[0]
     ax = axes[0]
     for stage, (steps, losses) in curves.items():
         ax.plot(steps, losses, label=stage)
@@ -57,30 +62,11 @@ def write_report(run_dir: str | Path) -> Path:
     if evals:
         ax.legend()
 
-    ax = axes[2]
-    names = list(metrics["models"])
-    headline = metrics.get("headline", [])
-    width = 0.8 / max(len(headline), 1)
-    for k, key in enumerate(headline):
-        values = [metrics["models"][n].get(key) for n in names]
-        xs = [i + (k - (len(headline) - 1) / 2) * width for i in range(len(names)) if values[i] is not None]
-        ys = [v for v in values if v is not None]
-        ax.bar(xs, ys, width=width, label=key)
-        for x, y in zip(xs, ys, strict=True):
-            ax.annotate(f"{y:.3f}", (x, y), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
-    ax.set(title="teacher vs students (eval set)")
-    shown = [v for key in headline for n in names if (v := metrics["models"][n].get(key)) is not None]
-    if shown and 0 <= min(shown) and max(shown) <= 1:  # fractions: zoom in on the differences
-        ax.set_ylim(max(0.0, min(shown) - 0.05), 1.0)
-    ax.legend(loc="lower right")
+    for ax, headline in zip(axes[2:], groups, strict=False):
+        _bars(ax, metrics, names, headline)
 
-    ax = axes[3]
-    example = metrics.get("softening_example")
-    if example is None:
-        ax.set_visible(False)
-    else:
-        _softening(ax, example)
+    if example is not None:
+        _softening(axes[-1], example)
 
     fig.tight_layout()
     path = run_dir / "report.png"
@@ -88,6 +74,35 @@ def write_report(run_dir: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
+
+
+def _headline_groups(metrics: dict, names: list[str]) -> list[list[str]]:
+    """The headline metrics, one bar chart each, except that fractions (every value in [0, 1]) share one."""
+    headline = metrics.get("headline", [])
+    values = {key: [v for n in names if (v := metrics["models"][n].get(key)) is not None] for key in headline}
+    fractions = [k for k in headline if values[k] and 0 <= min(values[k]) and max(values[k]) <= 1]
+    groups = [fractions if k == fractions[0] else [k] for k in headline if k not in fractions[1:]] if fractions \
+        else [[k] for k in headline]
+    return groups or [[]]
+
+
+def _bars(ax, metrics: dict, names: list[str], headline: list[str]) -> None:
+    width = 0.8 / max(len(headline), 1)
+    for k, key in enumerate(headline):
+        values = [metrics["models"][n].get(key) for n in names]
+        xs = [i + (k - (len(headline) - 1) / 2) * width for i in range(len(names)) if values[i] is not None]
+        ys = [v for v in values if v is not None]
+        ax.bar(xs, ys, width=width, label=key)
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:,.0f}" if abs(y) >= 100 else f"{y:.3g}" if abs(y) >= 10 else f"{y:.3f}", (x, y),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
+    ax.set(title="teacher vs students (eval set)" if len(headline) != 1 else f"{headline[0]} (eval set)")
+    shown = [v for key in headline for n in names if (v := metrics["models"][n].get(key)) is not None]
+    if len(headline) > 1 and shown and 0 <= min(shown) and max(shown) <= 1:  # fractions: zoom in on the differences
+        ax.set_ylim(max(0.0, min(shown) - 0.05), 1.0)
+    if len(headline) > 1:
+        ax.legend(loc="lower right")
 
 
 def _softening(ax, example: dict) -> None:

@@ -1,0 +1,207 @@
+"""Whisper base -> 2 decoder layers (distil-whisper) on the real speech here, plus unlabelled synthetic speech.
+
+    python benchmarks/whisper_distill.py --data ../shared/data/speech --text ../shared/data/text/state_union \\
+        --work runs/whisper-bench --out benchmarks/results/whisper_distill.json
+
+Training clips: LJ Speech chapter LJ001 without 40 held-out sentences, FSDD recordings with idx 5
+(all six speakers, every digit), and ``--synthetic`` sentences of the State of the Union addresses read by
+espeak-ng in eight voices, resampled to 16 kHz with sox — audio *without* transcripts: the
+teacher's pseudo-labels are their only targets (distil-whisper's unlabelled-audio setting). Eval:
+the 40 held-out LJ Speech sentences and FSDD idx 0 (all six speakers, every digit): real speech only.
+
+Each run is ``potstill distill`` of the speech-recognition task (the recipe is written into its run
+directory): the teacher's encoder outputs are computed once (shared by the runs on the same clips),
+the teacher transcribes the training audio once, the student (encoder + decoder layers 0 and 5 of
+base) learns from 0.55 KL (T = 2) + 0.45 CE on the pseudo-labels. Per-epoch WER on the eval set
+gives the learning curve; the final comparison transcribes the eval set from the audio, encoder
+included, timed. ``--seeds`` repeats the main configuration; ``--real-only`` adds a run without
+the synthetic audio, ``--ce-only`` one on the pseudo-labels alone (alpha 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potstill.distill import distill
+from potstill.metrics import wer
+from potstill.recipes import parse_recipe
+
+VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-x-rp+m3", "en-gb-scotland+f2", "en-029", "en-us-nyc+f4",
+          "en-gb-x-gbcwmd+m5"]
+HELD_OUT_LJ = 40
+
+
+def sentences(text_dir: Path, low: int = 6, high: int = 28) -> list[str]:
+    """Plain sentences of ``low``-``high`` words from every text file (Latin-1 where not UTF-8)."""
+    out = []
+    for path in sorted(text_dir.glob("*.txt")):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        for line in text.splitlines():
+            for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):
+                words = sentence.split()
+                if low <= len(words) <= high and re.fullmatch(r"[A-Za-z0-9 ,.;:'!?$%-]+", sentence) \
+                        and "--" not in sentence and sentence[0].isupper():
+                    out.append(sentence)
+    return sorted(set(out))
+
+
+def synthetic_speech(text_dir: Path, folder: Path, count: int, seed: int = 0) -> Path:
+    """``count`` sentences read by espeak-ng (voices and speeds varied), 16 kHz mono; a manifest
+    with the audio and the sentence read (kept as ``spoken``, not given to the run). Reuses what exists."""
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        sys.exit("synthetic speech needs espeak-ng and sox: apt-get install -y espeak-ng sox")
+    pool = sentences(text_dir)
+    rng = random.Random(seed)
+    chosen = rng.sample(pool, count)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for number, sentence in enumerate(chosen):
+        voice, speed = VOICES[number % len(VOICES)], rng.randrange(140, 190)
+        key = hashlib.sha256(f"{voice}|{speed}|{sentence}".encode()).hexdigest()[:10]
+        wav = folder / f"syn-{number:04d}-{key}.wav"  # named by what it says: a file is reused only for it
+        if not wav.is_file():
+            raw = folder / f".raw-{number:04d}.wav"
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), sentence], check=True)
+            # peak at -1 dBFS: espeak's loudest samples would clip after resampling
+            subprocess.run(["sox", "-q", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(wav), "gain", "-n", "-1"],
+                           check=True)
+            raw.unlink()
+        lines.append(json.dumps({"audio": wav.name, "spoken": sentence, "voice": voice, "speed": speed}))
+    manifest = folder / f"manifest-{count}.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def held_out_lj(data: Path) -> list[str]:
+    ids = [line.split("|")[0] for line in (data / "ljspeech" / "metadata.csv").read_text().splitlines() if line]
+    return [ids[i * len(ids) // HELD_OUT_LJ + 2] for i in range(HELD_OUT_LJ)]
+
+
+def recipe(args: argparse.Namespace, manifest: Path | None, seed: int, name: str, **distillation: Any) -> Any:
+    data, held_out = args.data.resolve(), held_out_lj(args.data)
+    train = [{"source": "ljspeech", "path": str(data / "ljspeech"), "exclude_ids": held_out},
+             {"source": "fsdd", "path": str(data / "fsdd"), "fsdd_index": [5, 5 + args.fsdd_takes]}]
+    if manifest is not None:
+        train.append({"source": "manifest", "path": str(manifest.resolve()), "text_column": None,
+                      "name": "synthetic"})
+    clips = "real+synthetic" if manifest is not None else "real"
+    return parse_recipe({
+        "task": "speech-recognition",
+        "data": {"train": train,
+                 "eval": [{"source": "ljspeech", "path": str(data / "ljspeech"), "ids": held_out},
+                          {"source": "fsdd", "path": str(data / "fsdd"), "fsdd_index": [0, 1]}],
+                 "eval_batch_size": args.eval_batch_size},
+        "teacher": {"model_name_or_path": "whisper-base"},
+        "student": {"layers_from_teacher": "first-last"},
+        "pseudo_labels": {"wer_threshold": 0.1, "batch_size": 16, "max_new_tokens": 128,
+                          "path": str((args.work / f"pseudo-labels-{clips}.json").resolve())},
+        "encoder_cache": {"path": str((args.work / f"encoder-cache-{clips}").resolve()), "batch_size": 4},
+        "distillation": {"loss": "kl", "temperature": 2.0, "alpha": 0.55, **distillation},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+                  "warmup_steps": 10, "max_grad_norm": 1.0, "checkpoint_every": 20, "seed": seed},
+        "baseline": False,
+        "output_dir": str((args.work / name).resolve()),
+    })
+
+
+def run(args: argparse.Namespace, manifest: Path | None, seed: int, name: str, **distillation: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = distill(recipe(args, manifest, seed, name, **distillation), progress=False)
+    metrics = result.metrics
+    history = json.loads((result.run_dir / "student" / "history.json").read_text())
+    curve = [{k: row[k] for k in row if k in ("epoch", "step") or k.startswith("eval_wer")}
+             for row in history if "eval_wer" in row]
+    return {"name": name, "seed": seed, "distillation": metrics["distillation"], "models": metrics["models"],
+            "pseudo_labels": metrics["pseudo_labels"], "curve": curve, "wall_s": time.perf_counter() - start,
+            "transcripts": metrics["transcripts"], "references": metrics["references"],
+            "eval_ids": metrics["eval_ids"]}
+
+
+def synthetic_check(manifest: Path, pseudo_labels: Path) -> dict[str, Any]:
+    """How well the teacher hears the synthetic speech: its pseudo-labels against the sentences espeak read."""
+    spoken = [json.loads(line)["spoken"] for line in manifest.read_text().splitlines() if line]
+    saved = json.loads(pseudo_labels.read_text())["clips"]
+    offset = len(saved) - len(spoken)  # the synthetic clips come last in the training list
+    heard = [saved[str(offset + i)]["text"] for i in range(len(spoken))]
+    return {"clips": len(spoken), "teacher_wer_vs_spoken_text": wer(spoken, heard),
+            "examples": [{"spoken": s, "heard": h} for s, h in list(zip(spoken, heard, strict=True))[:8]]}
+
+
+def gap_closed(models: dict[str, Any], key: str) -> float:
+    teacher, cut, student = (models[n][key] for n in ("teacher", "cut, not distilled", "student"))
+    return (cut - student) / (cut - teacher)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/speech"))
+    parser.add_argument("--text", type=Path, default=Path("../shared/data/text/state_union"))
+    parser.add_argument("--work", type=Path, default=Path("runs/whisper-bench"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/whisper_distill.json"))
+    parser.add_argument("--synthetic", type=int, default=200, help="synthetic sentences (0: none)")
+    parser.add_argument("--fsdd-takes", type=int, default=1, help="FSDD training takes per speaker and digit (idx 5..)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--real-only", action="store_true", help="also distil without the synthetic audio (seed 0)")
+    parser.add_argument("--ce-only", action="store_true",
+                        help="also train on the pseudo-labels alone (alpha 0, seed 0)")
+    args = parser.parse_args()
+    for folder in (args.data / "ljspeech", args.data / "fsdd", args.text):
+        if not folder.is_dir():
+            sys.exit(f"{folder} does not exist: give --data (LJ Speech and FSDD) and --text (the sentences to read)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    manifest = synthetic_speech(args.text, args.work / "synthetic", args.synthetic) if args.synthetic else None
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "args": {k: str(v) for k, v in
+                                                                                vars(args).items()}, "runs": []}
+    if args.out.is_file():  # finished runs are kept: a rerun adds what is missing
+        result["runs"] = json.loads(args.out.read_text()).get("runs", [])
+    done = {r["name"] for r in result["runs"]}
+    plan = [(manifest, seed, f"distil-seed{seed}", {}) for seed in args.seeds]
+    if args.real_only:
+        plan.append((None, 0, "real-only-seed0", {}))
+    if args.ce_only:
+        plan.append((manifest, 0, "ce-only-seed0", {"alpha": 0.0}))
+    for clips, seed, name, distillation in plan:
+        if name in done:
+            continue
+        print(f"--- {name}", flush=True)
+        result["runs"].append(run(args, clips, seed, name, **distillation))
+        if manifest is not None:
+            result["synthetic"] = synthetic_check(manifest, args.work / "pseudo-labels-real+synthetic.json")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    summarize(result)
+
+
+def summarize(result: dict[str, Any]) -> None:
+    print(f"{'run':22s} {'model':20s} {'WER LJ':>7s} {'WER FSDD':>8s} {'tok/s':>7s} {'speedup':>7s} {'RTF':>6s} "
+          f"{'gap closed (LJ)':>15s}")
+    for r in result["runs"]:
+        for name, m in r["models"].items():
+            closed = f"{gap_closed(r['models'], 'wer_ljspeech'):.2f}" if name == "student" else ""
+            print(f"{r['name']:22s} {name:20s} {m['wer_ljspeech']:7.3f} {m['wer_fsdd']:8.3f} "
+                  f"{m['decoder_tokens_per_second']:7.1f} {m['decoder_speedup']:7.2f} {m['real_time_factor']:6.3f} "
+                  f"{closed:>15s}")
+
+
+if __name__ == "__main__":
+    main()
