@@ -31,9 +31,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..io import atomic_path, write_json, write_text
+from ..progress import progress as progress_bar
 from .transcription import Transcripts, encode
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class EncoderCache:
         if todo:
             log.info("computing the encoder outputs of %d clips once (%s, %s): %s", self.count, desc,
                      str(self.dtype).removeprefix("torch."), self.folder)
-        for shard in tqdm(todo, desc=desc, disable=not progress or len(todo) < 2, leave=False):
+        for shard in progress_bar(todo, desc=desc, enabled=progress and len(todo) > 1, leave=False):
             indices = list(range(shard * self.shard_size, min(self.count, (shard + 1) * self.shard_size)))
             rows: dict[int, Tensor] = {}
             self._compute(model, features, indices, batch_size, False, desc, rows.update)
@@ -139,8 +139,8 @@ class EncoderCache:
         was_training = model.training
         model.eval()
         try:
-            for start in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False,
-                              disable=not progress or len(indices) <= batch_size):
+            for start in progress_bar(range(0, len(indices), batch_size), desc=desc, leave=False,
+                                      enabled=progress and len(indices) > batch_size):
                 chunk = indices[start:start + batch_size]
                 with torch.no_grad():
                     hidden = encode(model, features(chunk).to(device)).to("cpu", self.dtype)
@@ -183,8 +183,8 @@ def pseudo_labels(path: Path | None, ids: Sequence[str], transcribe: Callable[[l
                  len(done), len(ids), path, len(missing))
     rank, world, barrier = _processes()
     if rank == 0:  # one process transcribes; the others read its file
-        for start in tqdm(range(0, len(missing), batch_size), desc="teacher transcribing", leave=False,
-                          disable=not progress):
+        for start in progress_bar(range(0, len(missing), batch_size), desc="teacher transcribing", leave=False,
+                                  enabled=progress):
             chunk = missing[start:start + batch_size]
             out = transcribe(chunk)
             for position, tokens, finished in zip(chunk, out.tokens, out.finished, strict=True):

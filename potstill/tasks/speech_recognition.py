@@ -622,6 +622,11 @@ class SpeechRecognition(Task):
             entry["decoder_speedup"] = entry["decoder_tokens_per_second"] / teacher["decoder_tokens_per_second"]
             entry["timing"]["decoder_speedup_cpu"] = (entry["timing"]["decoder_tokens_per_cpu_second"]
                                                       / teacher["timing"]["decoder_tokens_per_cpu_second"])
+        result["panels"] = [{
+            "title": "word error rate against decoder speed (eval set)", "xlabel": "decoder tokens per second",
+            "ylabel": "WER", "kind": "scatter",
+            "series": {name: {"x": [m["decoder_tokens_per_second"]], "y": [m["wer"]]}
+                       for name, m in result["models"].items()}}]
         result.update({
             "headline": list(self.headline), "eval_clips": len(self.eval_clips), "eval_audio_seconds": audio_seconds,
             "eval_ids": self.eval_clips.ids, "references": self.eval_clips.texts,
