@@ -535,7 +535,6 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
     """
     import datasets
     from datasets import Features, Value
-    from datasets.fingerprint import Hasher
 
     List = getattr(datasets, "List", datasets.Sequence)  # datasets < 4 calls it Sequence
 
@@ -556,12 +555,11 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
     features = Features({"input_features": List(List(Value("float32"))), "labels": List(Value("int32")),
                          "text": Value("string"), "id": Value("string"), "duration": Value("float32"),
                          "error": Value("string")})
-    cache: dict[str, Any] = {}
+    fingerprint = _fingerprint(dataset, featurize)
+    cache: dict[str, Any] = {"new_fingerprint": fingerprint}
     if cache_dir is not None:
-        fingerprint = Hasher.hash([dataset._fingerprint, featurize, "potstill.speech/1"])
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache = {"cache_file_name": str(Path(cache_dir) / f"speech-{fingerprint}.arrow"),
-                 "new_fingerprint": fingerprint}
+        cache["cache_file_name"] = str(Path(cache_dir) / f"speech-{fingerprint}.arrow")
     with _progress_bars(progress):
         out = dataset.map(featurize, with_indices=True, with_rank=True, batched=True, batch_size=batch_size,
                           num_proc=num_proc if num_proc > 1 else None, remove_columns=dataset.column_names,
@@ -578,6 +576,24 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
         if len(out) == 0:
             raise AudioError(f"none of the {len(errors)} rows can be used (first: {bad[0][1]})")
     return out.remove_columns("error")
+
+
+def _fingerprint(dataset: Any, featurize: _Featurize) -> str:
+    """datasets' cache key of :func:`prepare`'s map. datasets would pickle the whole map function to
+    hash it, and pickling a Whisper tokenizer takes seconds; the tokenizer is hashed by its class and
+    its serialised ``tokenizer.json`` (vocabulary, merges, normaliser) instead, the rest as datasets does."""
+    from datasets.fingerprint import Hasher
+
+    tokenizer = featurize.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        described: Any = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        described = sorted(tokenizer.get_vocab().items())
+    else:  # any other callable: as datasets would hash it
+        described = tokenizer
+    settings = {k: v for k, v in vars(featurize).items() if k != "tokenizer"}
+    return Hasher.hash([dataset._fingerprint, type(tokenizer).__name__, described, settings, "potstill.speech/1"])
 
 
 @contextlib.contextmanager
