@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import random
 import re
@@ -143,6 +144,54 @@ def synthetic_check(manifest: Path, pseudo_labels: Path) -> dict[str, Any]:
             "examples": [{"spoken": s, "heard": h} for s, h in list(zip(spoken, heard, strict=True))[:8]]}
 
 
+def decoder_costs(data: Path, clips: int = 4, tokens: int = 24) -> dict[str, Any]:
+    """Where a greedy decoder's time goes, teacher (6 layers) against the 2-layer student, in CPU seconds of
+    this process: the first step (the prompt, and every layer's cross-attention keys and values of the 1,500
+    encoder frames) and each later token (its layers, and the 51,865-way output projection), at batch 1."""
+    from potstill.audio import load_audio
+    from potstill.data.speech import whisper_prompt_ids
+    from potstill.pretrained import load_processor, load_whisper
+    from potstill.students import make_student
+    from potstill.tasks.transcription import encode
+
+    teacher = load_whisper("whisper-base").eval()
+    CACHE = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"  # noqa: N806
+    processor = load_processor("whisper-base")
+    student = make_student(teacher, {"decoder": "first-last"}).eval()
+    paths = [data / "ljspeech" / "wavs" / f"{i}.flac" for i in held_out_lj(data)[:clips]]
+    features = processor.feature_extractor([load_audio(p) for p in paths], sampling_rate=16000,
+                                           return_tensors="pt").input_features
+    prompt = whisper_prompt_ids(processor.tokenizer, language="en")
+    out: dict[str, Any] = {"clips": clips, "forced_tokens": tokens}
+    with torch.no_grad():
+        hidden = encode(teacher, features)
+        head = teacher.proj_out.weight
+        for name, model in (("teacher", teacher), ("student", student)):
+            first = later = 0.0
+            for row in range(clips):
+                h = hidden[row:row + 1]
+                model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]))  # warm
+                start = time.process_time()
+                step = model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]), use_cache=True)
+                first += time.process_time() - start
+                cache, token = getattr(step, "cache", None) or step.past_key_values, torch.tensor([[prompt[-1]]])
+                start = time.process_time()
+                for _ in range(tokens):
+                    step = model(encoder_outputs=(h,), decoder_input_ids=token, use_cache=True, **{CACHE: cache})
+                    cache, token = getattr(step, "cache", None) or step.past_key_values, step.logits[:, -1:].argmax(-1)
+                later += time.process_time() - start
+            out[name] = {"first_step_s": first / clips, "per_token_s": later / (clips * tokens)}
+        start = time.process_time()
+        x = torch.randn(1, 1, head.shape[1])
+        for _ in range(50):
+            torch.nn.functional.linear(x, head)
+        out["output_projection_per_token_s"] = (time.process_time() - start) / 50
+    t, st = out["teacher"], out["student"]
+    out["projected_speedup"] = {str(n): (t["first_step_s"] + n * t["per_token_s"])
+                                / (st["first_step_s"] + n * st["per_token_s"]) for n in (3, 10, 20, 40, 100)}
+    return out
+
+
 def gap_closed(models: dict[str, Any], key: str) -> float:
     teacher, cut, student = (models[n][key] for n in ("teacher", "cut, not distilled", "student"))
     return (cut - student) / (cut - teacher)
@@ -162,6 +211,8 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--real-only", action="store_true", help="also distil without the synthetic audio (seed 0)")
+    parser.add_argument("--speed-breakdown", action="store_true",
+                        help="also time the decoders' first step and later tokens apart (teacher vs student)")
     parser.add_argument("--ce-only", action="store_true",
                         help="also train on the pseudo-labels alone (alpha 0, seed 0)")
     args = parser.parse_args()
@@ -173,13 +224,18 @@ def main() -> None:
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "args": {k: str(v) for k, v in
                                                                                 vars(args).items()}, "runs": []}
     if args.out.is_file():  # finished runs are kept: a rerun adds what is missing
-        result["runs"] = json.loads(args.out.read_text()).get("runs", [])
+        saved = json.loads(args.out.read_text())
+        result.update({k: saved[k] for k in ("runs", "decoder_costs", "synthetic") if k in saved})
     done = {r["name"] for r in result["runs"]}
     plan = [(manifest, seed, f"distil-seed{seed}", {}) for seed in args.seeds]
     if args.real_only:
         plan.append((None, 0, "real-only-seed0", {}))
     if args.ce_only:
         plan.append((manifest, 0, "ce-only-seed0", {"alpha": 0.0}))
+    if args.speed_breakdown and "decoder_costs" not in result:
+        result["decoder_costs"] = decoder_costs(args.data)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     for clips, seed, name, distillation in plan:
         if name in done:
             continue
