@@ -155,7 +155,7 @@ def decoder_costs(data: Path, clips: int = 4, tokens: int = 24) -> dict[str, Any
     from potstill.tasks.transcription import encode
 
     teacher = load_whisper("whisper-base").eval()
-    CACHE = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"  # noqa: N806
+    cache_name = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     processor = load_processor("whisper-base")
     student = make_student(teacher, {"decoder": "first-last"}).eval()
     paths = [data / "ljspeech" / "wavs" / f"{i}.flac" for i in held_out_lj(data)[:clips]]
@@ -177,7 +177,7 @@ def decoder_costs(data: Path, clips: int = 4, tokens: int = 24) -> dict[str, Any
                 cache, token = getattr(step, "cache", None) or step.past_key_values, torch.tensor([[prompt[-1]]])
                 start = time.process_time()
                 for _ in range(tokens):
-                    step = model(encoder_outputs=(h,), decoder_input_ids=token, use_cache=True, **{CACHE: cache})
+                    step = model(encoder_outputs=(h,), decoder_input_ids=token, use_cache=True, **{cache_name: cache})
                     cache, token = getattr(step, "cache", None) or step.past_key_values, step.logits[:, -1:].argmax(-1)
                 later += time.process_time() - start
             out[name] = {"first_step_s": first / clips, "per_token_s": later / (clips * tokens)}
