@@ -160,6 +160,27 @@ def test_encoder_cache_resumes_shard_by_shard_and_refuses_other_clips(tmp_path, 
         EncoderCache(folder, {"clips": "b"}, 5, shard_size=2).fill(model, get, progress=False)
 
 
+def test_a_clip_decodes_in_a_batch_as_it_does_alone(teacher):
+    """Clips that end leave the batch (their cache rows dropped): the others' tokens must not change."""
+    model = WhisperForConditionalGeneration.from_pretrained(teacher).eval()
+    processor = transformers.AutoProcessor.from_pretrained(teacher)
+    rows = datasets.concatenate_datasets([read_ljspeech(VENDORED_LJSPEECH), read_fsdd(VENDORED_FSDD)])
+    prompt = whisper_prompt_ids(processor.tokenizer, language="en")
+    data = prepare(rows, processor.feature_extractor, processor.tokenizer, prefix_ids=prompt, progress=False)
+    features = collate_speech(data.with_format("numpy"), pad_token_id=processor.tokenizer.eos_token_id)
+    with torch.no_grad():
+        hidden = model.get_encoder()(features["input_features"]).last_hidden_state
+        # the teacher ends every clip's transcript after a few tokens; noise in place of some clips' encoder
+        # outputs makes those run on, so the batch shrinks part-way
+        hidden[1::3] = torch.randn(hidden[1::3].shape, generator=torch.Generator().manual_seed(0))
+        eos = processor.tokenizer.eos_token_id
+        together, finished = greedy_decode(model, hidden, prompt, eos, 24)
+        alone = [greedy_decode(model, hidden[i:i + 1], prompt, eos, 24)[0][0] for i in range(len(hidden))]
+    assert len({len(t) for t in together}) > 1  # clips ended at different steps: the batch did shrink
+    assert together == alone
+    assert finished == [t[-1] == eos for t in together]
+
+
 # ---- the whole pipeline ---------------------------------------------------------------------------------------
 
 

@@ -75,7 +75,9 @@ def greedy_decode(model: nn.Module, encoder_hidden: Tensor, prompt: Sequence[int
     """Greedy decoding of a batch from its encoder outputs; returns the tokens after the prompt
     (``eos_token_id`` included where written) and whether each clip ended within ``max_new_tokens``.
 
-    The budget is cut to what the decoder's positions allow (``max_target_positions``).
+    A clip that has ended leaves the batch (its rows of the key/value cache are dropped), so the
+    others decode as if alone and a long or looping transcript costs only its own steps. The
+    budget is cut to what the decoder's positions allow (``max_target_positions``).
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -83,17 +85,19 @@ def greedy_decode(model: nn.Module, encoder_hidden: Tensor, prompt: Sequence[int
     limit = getattr(model.config, "max_target_positions", None)
     if limit is not None:
         max_new_tokens = min(max_new_tokens, limit - len(prompt))
-    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)
-    inputs = torch.tensor([list(prompt)] * batch, dtype=torch.long, device=device)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
     # transformers 5 calls the key/value cache ``cache`` (``past_key_values`` before)
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    hidden = encoder_hidden
+    inputs = torch.tensor([list(prompt)] * batch, dtype=torch.long, device=device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+    active = list(range(batch))  # the clips still decoding, in the order of the batch's rows
     cache = None
     suppress: list[int] | None = None
     begin: list[int] = []
     for step in range(max(0, max_new_tokens)):
-        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=inputs, use_cache=True, **{cache_name: cache})
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), decoder_input_ids=inputs,
+                    use_cache=True, **{cache_name: cache})
         cache = getattr(out, "cache", None) or out.past_key_values
         logits = out.logits[:, -1].float()
         if suppress is None:
@@ -103,15 +107,26 @@ def greedy_decode(model: nn.Module, encoder_hidden: Tensor, prompt: Sequence[int
             logits[:, suppress] = -torch.inf
         if step == 0 and begin:
             logits[:, begin] = -torch.inf
-        chosen = logits.argmax(-1).masked_fill(done, eos_token_id)
-        for row, token in enumerate(chosen.tolist()):
-            if not done[row]:
-                tokens[row].append(token)
-        done |= chosen == eos_token_id
-        if bool(done.all()):
+        chosen = logits.argmax(-1)
+        keep = []
+        for row, (clip, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
+            tokens[clip].append(token)
+            if token == eos_token_id:
+                finished[clip] = True
+            else:
+                keep.append(row)
+        if not keep:
             break
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, device=device)
+            if hasattr(cache, "batch_select_indices"):
+                cache.batch_select_indices(rows)
+            else:  # older transformers: a tuple of per-layer (self k, self v, cross k, cross v)
+                cache = tuple(tuple(t[rows] for t in layer) for layer in cache)
+            hidden, chosen = hidden[rows], chosen[rows]
+            active = [active[row] for row in keep]
         inputs = chosen[:, None]
-    return tokens, done.tolist()
+    return tokens, finished
 
 
 def transcribe(model: nn.Module, *, prompt: Sequence[int], eos_token_id: int, max_new_tokens: int,
