@@ -144,10 +144,43 @@ def synthetic_check(manifest: Path, pseudo_labels: Path) -> dict[str, Any]:
             "examples": [{"spoken": s, "heard": h} for s, h in list(zip(spoken, heard, strict=True))[:8]]}
 
 
+# decoder shapes of the larger Whispers (their published configs); the encoder is irrelevant to the decoder's speed
+WHISPER_SIZES = {"small": (768, 12, 12, 3072), "medium": (1024, 24, 16, 4096), "large-v2": (1280, 32, 20, 5120)}
+
+
+def time_decoder(model: torch.nn.Module, hidden: torch.Tensor, prompt: list[int], tokens: int) -> dict[str, float]:
+    """CPU seconds of this process of a greedy decoder's first step (the prompt, and every layer's cross-attention
+    keys and values of the encoder frames) and of each later token, at batch 1, averaged over the clips."""
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    first = later = 0.0
+    for row in range(len(hidden)):
+        h = hidden[row:row + 1]
+        model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]))  # warm
+        start = time.process_time()
+        step = model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]), use_cache=True)
+        first += time.process_time() - start
+        cache, token = getattr(step, "cache", None) or step.past_key_values, torch.tensor([[prompt[-1]]])
+        start = time.process_time()
+        for _ in range(tokens):
+            step = model(encoder_outputs=(h,), decoder_input_ids=token, use_cache=True, **{cache_name: cache})
+            cache, token = getattr(step, "cache", None) or step.past_key_values, step.logits[:, -1:].argmax(-1)
+        later += time.process_time() - start
+    return {"first_step_s": first / len(hidden), "per_token_s": later / (len(hidden) * tokens)}
+
+
+def projected(teacher: dict[str, float], student: dict[str, float]) -> dict[str, float]:
+    """Decoder speed-up for a transcript of n tokens, from the first-step and per-token costs."""
+    return {str(n): (teacher["first_step_s"] + n * teacher["per_token_s"])
+            / (student["first_step_s"] + n * student["per_token_s"]) for n in (3, 10, 20, 40, 100)}
+
+
 def decoder_costs(data: Path, clips: int = 4, tokens: int = 24) -> dict[str, Any]:
-    """Where a greedy decoder's time goes, teacher (6 layers) against the 2-layer student, in CPU seconds of
-    this process: the first step (the prompt, and every layer's cross-attention keys and values of the 1,500
-    encoder frames) and each later token (its layers, and the 51,865-way output projection), at batch 1."""
+    """Where a greedy decoder's time goes, teacher against its first-last 2-layer student: whisper-base on real
+    clips, and config-built (random-weight) small, medium and large-v2 decoders on random encoder frames —
+    the time of a forward pass depends on the shapes, not the weights. The 51,865-way output projection is
+    paid per token at every size; it is what bounds base's speed-up."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
     from potstill.audio import load_audio
     from potstill.data.speech import whisper_prompt_ids
     from potstill.pretrained import load_processor, load_whisper
@@ -155,40 +188,38 @@ def decoder_costs(data: Path, clips: int = 4, tokens: int = 24) -> dict[str, Any
     from potstill.tasks.transcription import encode
 
     teacher = load_whisper("whisper-base").eval()
-    cache_name = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     processor = load_processor("whisper-base")
-    student = make_student(teacher, {"decoder": "first-last"}).eval()
     paths = [data / "ljspeech" / "wavs" / f"{i}.flac" for i in held_out_lj(data)[:clips]]
     features = processor.feature_extractor([load_audio(p) for p in paths], sampling_rate=16000,
                                            return_tensors="pt").input_features
     prompt = whisper_prompt_ids(processor.tokenizer, language="en")
-    out: dict[str, Any] = {"clips": clips, "forced_tokens": tokens}
+    out: dict[str, Any] = {"clips": clips, "forced_tokens": tokens, "sizes": {}}
     with torch.no_grad():
-        hidden = encode(teacher, features)
-        head = teacher.proj_out.weight
-        for name, model in (("teacher", teacher), ("student", student)):
-            first = later = 0.0
-            for row in range(clips):
-                h = hidden[row:row + 1]
-                model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]))  # warm
-                start = time.process_time()
-                step = model(encoder_outputs=(h,), decoder_input_ids=torch.tensor([prompt]), use_cache=True)
-                first += time.process_time() - start
-                cache, token = getattr(step, "cache", None) or step.past_key_values, torch.tensor([[prompt[-1]]])
-                start = time.process_time()
-                for _ in range(tokens):
-                    step = model(encoder_outputs=(h,), decoder_input_ids=token, use_cache=True, **{cache_name: cache})
-                    cache, token = getattr(step, "cache", None) or step.past_key_values, step.logits[:, -1:].argmax(-1)
-                later += time.process_time() - start
-            out[name] = {"first_step_s": first / clips, "per_token_s": later / (clips * tokens)}
-        start = time.process_time()
-        x = torch.randn(1, 1, head.shape[1])
-        for _ in range(50):
-            torch.nn.functional.linear(x, head)
-        out["output_projection_per_token_s"] = (time.process_time() - start) / 50
-    t, st = out["teacher"], out["student"]
-    out["projected_speedup"] = {str(n): (t["first_step_s"] + n * t["per_token_s"])
-                                / (st["first_step_s"] + n * st["per_token_s"]) for n in (3, 10, 20, 40, 100)}
+        models = {"base": (teacher, encode(teacher, features))}
+        for size, (width, layers, heads, ffn) in WHISPER_SIZES.items():
+            config = WhisperConfig(vocab_size=teacher.config.vocab_size, d_model=width, decoder_layers=layers,
+                                   decoder_attention_heads=heads, decoder_ffn_dim=ffn, encoder_layers=1,
+                                   encoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                                   decoder_start_token_id=teacher.config.decoder_start_token_id)
+            models[size] = (WhisperForConditionalGeneration(config).eval(),
+                            torch.randn(clips, 1500, width, generator=torch.Generator().manual_seed(0)))
+        for size, (model, hidden) in models.items():
+            student = make_student(model, {"decoder": "first-last"}).eval()
+            row = {"teacher": time_decoder(model, hidden, prompt, tokens),
+                   "student": time_decoder(student, hidden, prompt, tokens), "d_model": model.config.d_model,
+                   "decoder_layers": model.config.decoder_layers}
+            head = model.proj_out.weight
+            x = torch.randn(1, 1, head.shape[1])
+            start = time.process_time()
+            for _ in range(50):
+                torch.nn.functional.linear(x, head)
+            row["output_projection_per_token_s"] = (time.process_time() - start) / 50
+            row["projected_speedup"] = projected(row["teacher"], row["student"])
+            out["sizes"][size] = row
+            print(f"decoder costs {size}: per token teacher {row['teacher']['per_token_s'] * 1e3:.1f} ms, student "
+                  f"{row['student']['per_token_s'] * 1e3:.1f} ms, speed-up at 20 tokens "
+                  f"{row['projected_speedup']['20']:.2f}", flush=True)
+            del student
     return out
 
 
@@ -232,7 +263,7 @@ def main() -> None:
         plan.append((None, 0, "real-only-seed0", {}))
     if args.ce_only:
         plan.append((manifest, 0, "ce-only-seed0", {"alpha": 0.0}))
-    if args.speed_breakdown and "decoder_costs" not in result:
+    if args.speed_breakdown and "sizes" not in result.get("decoder_costs", {}):
         result["decoder_costs"] = decoder_costs(args.data)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -249,6 +280,11 @@ def main() -> None:
 
 
 def summarize(result: dict[str, Any]) -> None:
+    for size, row in result.get("decoder_costs", {}).get("sizes", {}).items():
+        print(f"decoder {size:9s} per token: teacher {row['teacher']['per_token_s'] * 1e3:6.1f} ms, student "
+              f"{row['student']['per_token_s'] * 1e3:6.1f} ms, output projection "
+              f"{row['output_projection_per_token_s'] * 1e3:5.1f} ms; speed-up at 20 tokens "
+              f"{row['projected_speedup']['20']:.2f}")
     print(f"{'run':22s} {'model':20s} {'WER LJ':>7s} {'WER FSDD':>8s} {'tok/s':>7s} {'speedup':>7s} {'RTF':>6s} "
           f"{'gap closed (LJ)':>15s}")
     for r in result["runs"]:
