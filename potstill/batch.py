@@ -14,6 +14,8 @@ def _to(value: Any, device: torch.device | str) -> Any:
         return value.to(device)
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):  # e.g. a Whisper input ``encoder_outputs=(hidden,)``
+        return tuple(_to(v, device) for v in value)
     return value
 
 

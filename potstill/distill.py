@@ -205,6 +205,7 @@ class Run:
         if run.accelerator.is_main_process:
             run.created = prepare_run_dir(recipe, run.run_dir, overwrite)
         run.accelerator.wait_for_everyone()
+        run.task.run_dir = run.run_dir
         if recipe.train.report_to:  # logs under <run dir>/trackers
             run.accelerator.init_trackers("trackers", config=_flat(recipe.model_dump(mode="json")))
         return run

@@ -73,9 +73,11 @@ class SpeechDataSpec(_Section):
     #: dataset: the split to read
     split: str = "train"
     #: dataset / manifest: the column (key) holding the audio, the transcript, and an id that
-    #: error messages name (e.g. "segment_id"); TalkBank-style sets use ``text_column: transcript``
+    #: error messages name (e.g. "segment_id"); TalkBank-style sets use ``text_column: transcript``;
+    #: ``text_column: null``: audio without transcripts (every row's text is empty; a speech task
+    #: trains on its teacher's transcripts of them)
     audio_column: str = "audio"
-    text_column: str = "text"
+    text_column: str | None = "text"
     id_column: str | None = None
     #: ljspeech: the transcript column of metadata.csv ("raw": as read, with digits and
     #: abbreviations, as Whisper writes; "normalized": numbers and abbreviations spelled out)
@@ -105,7 +107,9 @@ class SpeechDataSpec(_Section):
                 "id_column": ("dataset", "manifest"), "ljspeech_text": ("ljspeech",),
                 "fsdd_speakers": ("fsdd",), "fsdd_index": ("fsdd",)}
         for field, sources in only.items():
-            if field in self.model_fields_set and self.source not in sources:
+            # a field at its default says nothing (a resolved recipe, as a run directory keeps it, lists every field)
+            default = type(self).model_fields[field].default
+            if field in self.model_fields_set and getattr(self, field) != default and self.source not in sources:
                 raise ValueError(f"{field} applies to source {' / '.join(sources)}, not {self.source!r}")
         if self.source in ("manifest", "dataset") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
@@ -241,12 +245,13 @@ def read_fsdd(folder: str | Path, *, speakers: Sequence[str] | None = None,
                  [f[3].stem for f in found], ["" for _ in found])
 
 
-def read_manifest(path: str | Path, *, audio_key: str = "audio", text_key: str = "text",
+def read_manifest(path: str | Path, *, audio_key: str = "audio", text_key: str | None = "text",
                   id_key: str | None = None) -> Any:
     """A JSON-lines manifest: one ``{"audio": path, "text": transcript}`` object per line.
 
     Audio paths are relative to the manifest's folder (or absolute). The id is ``id_key``'s value,
     or the audio path as written. A line that is not such an object is an error naming ``FILE:LINE``.
+    ``text_key=None``: audio without transcripts (every row's text is empty).
     """
     path = Path(path).absolute()
     if not path.is_file():
@@ -262,13 +267,14 @@ def read_manifest(path: str | Path, *, audio_key: str = "audio", text_key: str =
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not JSON ({exc.msg})") from None
             if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected an object with {audio_key!r} and {text_key!r}")
-            for key in (audio_key, text_key) + ((id_key,) if id_key else ()):
+                raise ValueError(f"{where}: expected an object with {audio_key!r}"
+                                 + (f" and {text_key!r}" if text_key else ""))
+            for key in (audio_key, *((text_key,) if text_key else ()), *((id_key,) if id_key else ())):
                 if not isinstance(entry.get(key), str):
                     raise ValueError(f"{where}: {key!r} must be a string, got {entry.get(key)!r}"
                                      + _close(key, entry))
             audio.append({"bytes": None, "path": str(path.parent / entry[audio_key])})
-            texts.append(entry[text_key])
+            texts.append(entry[text_key] if text_key else "")
             ids.append(entry[id_key] if id_key else entry[audio_key])
             names.append(where)
     if not ids:
@@ -276,8 +282,8 @@ def read_manifest(path: str | Path, *, audio_key: str = "audio", text_key: str =
     return _rows(audio, texts, ids, names)
 
 
-def read_dataset(path: str | Path, *, split: str = "train", audio_column: str = "audio", text_column: str = "text",
-                 id_column: str | None = None) -> Any:
+def read_dataset(path: str | Path, *, split: str = "train", audio_column: str = "audio",
+                 text_column: str | None = "text", id_column: str | None = None) -> Any:
     """A Hugging Face data set's ``split``: a ``save_to_disk`` folder, or anything ``load_dataset`` reads."""
     import datasets
 
@@ -294,12 +300,13 @@ def read_dataset(path: str | Path, *, split: str = "train", audio_column: str = 
     return from_dataset(loaded, audio_column=audio_column, text_column=text_column, id_column=id_column, label=split)
 
 
-def from_dataset(dataset: Any, *, audio_column: str = "audio", text_column: str = "text",
+def from_dataset(dataset: Any, *, audio_column: str = "audio", text_column: str | None = "text",
                  id_column: str | None = None, label: str = "train") -> Any:
     """Rows of :data:`ROW_COLUMNS` from a :class:`datasets.Dataset` (no audio is copied or decoded).
 
     Rows are named ``label[i] (id_column=value)`` in errors. An ``Audio`` column is cast to
-    ``Audio(decode=False)`` (see the module's note on torchcodec).
+    ``Audio(decode=False)`` (see the module's note on torchcodec). ``text_column=None``: audio
+    without transcripts (every row's text is empty).
     """
     from datasets import Audio, Value
 
@@ -318,14 +325,19 @@ def from_dataset(dataset: Any, *, audio_column: str = "audio", text_column: str 
                                             ("string", "large_string", "binary", "large_binary"))):
         raise ValueError(f"audio_column {audio_column!r} holds {feature}; expected an Audio column, "
                          "{'bytes', 'path'} or {'array', 'sampling_rate'} structs, paths or bytes")
-    text_feature = dataset.features[text_column]
-    if not (isinstance(text_feature, Value) and text_feature.dtype in ("string", "large_string")):
-        raise ValueError(f"text_column {text_column!r} holds {text_feature}, not text")
+    if text_column is not None:
+        text_feature = dataset.features[text_column]
+        if not (isinstance(text_feature, Value) and text_feature.dtype in ("string", "large_string")):
+            raise ValueError(f"text_column {text_column!r} holds {text_feature}, not text")
     n = len(dataset)
     values = [str(v) for v in dataset[id_column]] if id_column else None
     ids = values if values is not None else [str(i) for i in range(n)]
     names = [f"{label}[{i}] ({id_column}={v})" for i, v in enumerate(values)] if values is not None \
         else [f"{label}[{i}]" for i in range(n)]
+    if text_column is None:
+        rows = dataset.select_columns([audio_column]).add_column("text", [""] * n)
+        return rows.rename_columns({audio_column: "audio"} if audio_column != "audio" else {}) \
+            .add_column("id", ids).add_column("name", names)
     rows = dataset.select_columns([audio_column, text_column])
     rows = rows.rename_columns({c: r for c, r in ((audio_column, "audio"), (text_column, "text")) if c != r})
     return rows.add_column("id", ids).add_column("name", names)
@@ -523,7 +535,6 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
     """
     import datasets
     from datasets import Features, Value
-    from datasets.fingerprint import Hasher
 
     List = getattr(datasets, "List", datasets.Sequence)  # datasets < 4 calls it Sequence
 
@@ -544,12 +555,11 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
     features = Features({"input_features": List(List(Value("float32"))), "labels": List(Value("int32")),
                          "text": Value("string"), "id": Value("string"), "duration": Value("float32"),
                          "error": Value("string")})
-    cache: dict[str, Any] = {}
+    fingerprint = _fingerprint(dataset, featurize)
+    cache: dict[str, Any] = {"new_fingerprint": fingerprint}
     if cache_dir is not None:
-        fingerprint = Hasher.hash([dataset._fingerprint, featurize, "potstill.speech/1"])
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache = {"cache_file_name": str(Path(cache_dir) / f"speech-{fingerprint}.arrow"),
-                 "new_fingerprint": fingerprint}
+        cache["cache_file_name"] = str(Path(cache_dir) / f"speech-{fingerprint}.arrow")
     with _progress_bars(progress):
         out = dataset.map(featurize, with_indices=True, with_rank=True, batched=True, batch_size=batch_size,
                           num_proc=num_proc if num_proc > 1 else None, remove_columns=dataset.column_names,
@@ -566,6 +576,24 @@ def prepare(dataset: Any, feature_extractor: Any, tokenizer: Any, *, prefix_ids:
         if len(out) == 0:
             raise AudioError(f"none of the {len(errors)} rows can be used (first: {bad[0][1]})")
     return out.remove_columns("error")
+
+
+def _fingerprint(dataset: Any, featurize: _Featurize) -> str:
+    """datasets' cache key of :func:`prepare`'s map. datasets would pickle the whole map function to
+    hash it, and pickling a Whisper tokenizer takes seconds; the tokenizer is hashed by its class and
+    its serialised ``tokenizer.json`` (vocabulary, merges, normaliser) instead, the rest as datasets does."""
+    from datasets.fingerprint import Hasher
+
+    tokenizer = featurize.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        described: Any = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        described = sorted(tokenizer.get_vocab().items())
+    else:  # any other callable: as datasets would hash it
+        described = tokenizer
+    settings = {k: v for k, v in vars(featurize).items() if k != "tokenizer"}
+    return Hasher.hash([dataset._fingerprint, type(tokenizer).__name__, described, settings, "potstill.speech/1"])
 
 
 @contextlib.contextmanager

@@ -51,6 +51,9 @@ class Task:
     shared_vocab_size: int | None = None
     #: the run's teacher, set once it exists: ``evaluate`` may report KL to it and agreement
     teacher: nn.Module | None = None
+    #: the run directory, set by the run before any stage: where a task keeps what it computes once
+    #: (caches); None when the task is used outside a run
+    run_dir: Path | None = None
 
     def __init__(self, recipe: Recipe, progress: bool = True):
         self.recipe, self.progress = recipe, progress
