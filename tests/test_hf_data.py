@@ -105,14 +105,14 @@ def test_empty_splits_and_files_that_do_not_parse_are_named(tmp_path, spec):
     broken.write_text('{"text": "fine", "label": 1}\n{not json\n')
     with pytest.raises(DataError, match=r"broken\.jsonl does not parse"):
         spec(dataset=str(broken), eval_size=1).load(["text"])
-    with pytest.raises(DataError, match="missing.csv"):
+    with pytest.raises(DataError, match=r"missing.csv"):
         spec(dataset="csv", data_files=str(tmp_path / "missing.csv"), eval_size=1).load(["text"])
     with pytest.raises(DataError, match="leaves none to train on"):
         spec(dataset=str(good), eval_size=4).load(["text"])
     datasets.Dataset.from_dict({"text": []}, features=datasets.Features({"text": datasets.Value("string")})) \
         .to_parquet(str(tmp_path / "empty.parquet"))
     datasets.Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(tmp_path / "two.parquet"))
-    with pytest.raises(DataError, match="split 'validation' of .* is empty"):
+    with pytest.raises(DataError, match=r"split 'validation' of .* is empty"):
         spec(dataset="parquet", data_files={"train": str(tmp_path / "two.parquet"),
                                             "validation": str(tmp_path / "empty.parquet")}).load(["text"])
 
@@ -200,7 +200,7 @@ def test_recipes_take_a_dataset_data_section_in_every_task(tmp_path):
 
     with pytest.raises(RecipeError, match=r"unknown field 'data.text_colum'.*Did you mean 'text_column'"):
         parse_recipe({"task": "causal-lm", "data": {**section, "text_colum": "x"}})
-    with pytest.raises(RecipeError, match="give eval_split .* or eval_size .*, not both"):
+    with pytest.raises(RecipeError, match=r"give eval_split .* or eval_size .*, not both"):
         parse_recipe({"task": "sentence-embedding", "data": {**section, "eval_split": "test"}})
 
 

@@ -99,6 +99,17 @@ class _Tokenize:
                 "labels": batch["label"]}
 
 
+#: what a folder with a tokenizer holds (transformers builds an empty one from a folder with none of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer(name_or_path: str) -> bool:
+    """Whether a model folder holds tokenizer files (a hub name is taken to have them)."""
+    folder = Path(resolve(name_or_path).path)
+    return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """What identifies a tokenizer's output: its vocabulary and rules (a fast tokenizer's JSON)."""
     from datasets.fingerprint import Hasher
@@ -134,6 +145,9 @@ class TextClassification(Task):
         if not tokenizer_source:
             raise ValueError("teacher.tokenizer: a teacher built from a config needs a tokenizer "
                              "(a hub name or folder)")
+        if not has_tokenizer(tokenizer_source):
+            raise ValueError(f"teacher: {tokenizer_source} holds no tokenizer files: set teacher.tokenizer "
+                             "(a hub name or folder)")
         self.tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer_source).path,
                                                        trust_remote_code=teacher.trust_remote_code)
         self._check_student_tokenizer()
@@ -163,8 +177,8 @@ class TextClassification(Task):
 
         student = self.recipe.student
         for field, path in (("model_name_or_path", student.model_name_or_path), ("cut_from", student.cut_from)):
-            if not path:
-                continue
+            if not path or not has_tokenizer(path):
+                continue  # no tokenizer of its own: it reads the teacher's
             try:
                 own = AutoTokenizer.from_pretrained(resolve(path).path)
             except (OSError, ValueError):
