@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import ModelSpec, Recipe, TrainSpec
 from ..data import VENDORED_POLARITY
 from ..data.hf import DataError, DatasetSpec, Splits
+from ..losses import soft_targets
 from ..metrics import accuracy, agreement, held_out_kl, macro_f1
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
@@ -282,10 +283,22 @@ class TextClassification(Task):
             seconds = time.perf_counter() - start
         return torch.cat(outputs), len(self.eval_set) / seconds
 
+    def teacher_logits(self) -> Tensor | None:
+        """The run's teacher's logits on the eval set, once the run has its teacher (computed once)."""
+        if self.teacher is not None and self._teacher_logits is None:
+            self._teacher_logits = self.predict(self.teacher)[0]
+        return self._teacher_logits
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy and macro-F1 on the eval set; agreement and KL with the teacher once there is one."""
         logits, _ = self.predict(model)
-        return {"eval_accuracy": accuracy(logits, self.eval_labels),
-                "eval_macro_f1": macro_f1(logits, self.eval_labels, len(self.labels))}
+        out = {"eval_accuracy": accuracy(logits, self.eval_labels),
+               "eval_macro_f1": macro_f1(logits, self.eval_labels, len(self.labels))}
+        teacher = self.teacher_logits() if model is not self.teacher else None
+        if teacher is not None:
+            out["eval_agreement"] = agreement(logits, teacher)
+            out["eval_kl_to_teacher"] = held_out_kl(logits, teacher)
+        return out
 
     def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         """Accuracy, macro-F1, agreement and KL with the teacher, and speed, on the eval set."""
@@ -303,6 +316,11 @@ class TextClassification(Task):
                 entry["kl_to_teacher"] = held_out_kl(logits, teacher)
             entry["examples_per_second"] = speed
             out["models"][name] = entry
-        out["softening_example"] = {"label": int(labels[0]), "teacher_logits": teacher[0].tolist(),
-                                    "temperatures": list(SOFTENING_TEMPERATURES)}
+        # one example's teacher soft targets at several temperatures: what distillation at T transfers
+        z = teacher[0].double()
+        out["panels"] = [{"title": f"teacher soft targets, one example (label {self.labels[int(labels[0])]})",
+                          "xlabel": "class", "ylabel": "probability", "kind": "line",
+                          "series": {f"T = {t:g}": {"x": list(range(len(self.labels))),
+                                                    "y": soft_targets(z, t).tolist()}
+                                     for t in SOFTENING_TEMPERATURES}}]
         return out
