@@ -385,10 +385,13 @@ def _spread(rows: Any, count: int | None) -> Any:
 
 @contextlib.contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
+    """datasets' bars off inside when not ``enabled``; otherwise as they are (``--no-progress`` turns
+    them off for the whole run)."""
     from datasets.utils import logging as ds_logging
 
     was = ds_logging.is_progress_bar_enabled()
-    (ds_logging.enable_progress_bar if enabled else ds_logging.disable_progress_bar)()
+    if not enabled:
+        ds_logging.disable_progress_bar()
     try:
         yield
     finally:
