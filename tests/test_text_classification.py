@@ -171,3 +171,32 @@ def test_sentence_pairs_and_the_builtin_recipe(tmp_path, tiny_bert):
     assert task.labels == ["negative", "positive"] and task.trains_teacher()  # MiniLM has no trained head
     assert len(task.train_set) == 64 and len(task.eval_set) == 16
     assert set(task.eval_labels.tolist()) == {0, 1}
+
+
+def test_hidden_state_and_attention_terms_between_teacher_and_student(tmp_path, tiny_bert):
+    from potstill.signals import forward_signals
+    from potstill.tasks.text_classification import TextClassification
+
+    features = [{"student": "bert.encoder.layer.0", "teacher": "bert.encoder.layer.0", "loss": "mse"},
+                {"student": "attentions.0", "teacher": "attentions.0", "loss": "attention_kl"},
+                {"student": "bert.encoder.layer.0", "teacher": "bert.encoder.layer.1", "loss": "mse"}]
+    recipe = recipe_for(tmp_path, tiny_bert, distillation={"features": features}, student={"layers_from_teacher": [0]})
+    task = TextClassification(recipe, progress=False)
+    torch.manual_seed(0)
+    teacher = task.build_model(recipe.teacher).eval()
+    torch.manual_seed(0)  # the same new head: the cut is the teacher's first layer and its head
+    student = task.build_model(recipe.student).eval()
+    assert student.config._attn_implementation == "eager" == teacher.config._attn_implementation
+    objective = task.objective()
+    assert [t.label for t in objective.terms] == ["kl", "cross_entropy", "mse[bert.encoder.layer.0]",
+                                                   "attention_kl[attentions.0]", "mse[bert.encoder.layer.0]"]
+    batch = task.collate(task.train_set[:6])
+    s = forward_signals(student, batch.student_inputs, objective.student_signals)
+    t = forward_signals(teacher, batch.teacher_inputs, objective.teacher_signals)
+    length = batch.mask.shape[1]
+    assert s["attentions.0"].shape == t["attentions.0"].shape == (6, 2, length, length)
+    values = [v.item() for _, v in objective(s, t, labels=batch.labels, mask=batch.mask).values]
+    # layer 0 of the cut is the teacher's layer 0, reading the same embeddings: nothing to match there;
+    # the teacher's layer 1 is another function of them
+    assert values[2] == pytest.approx(0.0, abs=1e-12) and values[3] == pytest.approx(0.0, abs=1e-6)
+    assert values[4] > 1e-4
