@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-image-cnn"))
+    parser.add_argument("--features-run", default="kd-features",
+                        help="the feature-map runs are RUNS/seed-N/FEATURES_RUN (another name: other settings, "
+                             "the same teachers and first runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/image_cnn.json"))
     args = parser.parse_args()
@@ -88,7 +91,7 @@ def main() -> None:
         started = time.perf_counter()
         base = args.runs / f"seed-{seed}"
         first = distill(recipe(seed, args, base / "kd", features=False, teacher_folder=None), progress=False).metrics
-        second = distill(recipe(seed, args, base / "kd-features", features=True,
+        second = distill(recipe(seed, args, base / args.features_run, features=True,
                                 teacher_folder=base / "kd" / "teacher"), progress=False).metrics
         models = {"teacher": first["models"]["teacher"], "scratch": first["models"]["scratch"],
                   "logit KD": first["models"]["student"], "logit KD + feature maps": second["models"]["student"]}
