@@ -61,6 +61,12 @@ def recipe(seed: int, args: argparse.Namespace, run_dir: Path, *, features: bool
     })
 
 
+def finished_or_run(recipe: Any) -> dict[str, Any]:
+    """The metrics of a finished run (read back, not rerun), or of the run made now."""
+    finished = Path(recipe.output_dir) / "metrics.json"
+    return json.loads(finished.read_text()) if finished.is_file() else distill(recipe, progress=False).metrics
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
@@ -90,9 +96,9 @@ def main() -> None:
     for seed in args.seeds:
         started = time.perf_counter()
         base = args.runs / f"seed-{seed}"
-        first = distill(recipe(seed, args, base / "kd", features=False, teacher_folder=None), progress=False).metrics
-        second = distill(recipe(seed, args, base / args.features_run, features=True,
-                                teacher_folder=base / "kd" / "teacher"), progress=False).metrics
+        first = finished_or_run(recipe(seed, args, base / "kd", features=False, teacher_folder=None))
+        second = finished_or_run(recipe(seed, args, base / args.features_run, features=True,
+                                        teacher_folder=base / "kd" / "teacher"))
         models = {"teacher": first["models"]["teacher"], "scratch": first["models"]["scratch"],
                   "logit KD": first["models"]["student"], "logit KD + feature maps": second["models"]["student"]}
         assert second["models"]["teacher"]["errors"] == models["teacher"]["errors"]  # the same teacher

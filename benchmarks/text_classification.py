@@ -88,11 +88,12 @@ def main() -> None:
     started = time.perf_counter()
     teacher_recipe = load_recipe("minilm-polarity", [*data, f"teacher.train.epochs={args.teacher_epochs}",
                                                      f"output_dir={args.runs / 'teacher'}"])
-    run = Run.open(teacher_recipe, None, overwrite=False, progress=False)
-    with run.cleaning_up():
-        run.teacher()
-    teacher_seconds = time.perf_counter() - started
     teacher_folder = args.runs / "teacher" / "teacher"
+    if not (teacher_folder / "history.json").is_file():  # a finished teacher is used as it is
+        run = Run.open(teacher_recipe, None, overwrite=False, progress=False)
+        with run.cleaning_up():
+            run.teacher()
+    teacher_seconds = time.perf_counter() - started
 
     results: dict[str, Any] = {"seeds": {}, "teacher_seconds": teacher_seconds}
     for seed in args.seeds:
@@ -102,7 +103,8 @@ def main() -> None:
             f"train.epochs={args.epochs}", f"train.seed={seed}",
             f"teacher_cache={{top_k: 2, dtype: float32, path: {args.runs / 'teacher-cache'}}}",
             f"output_dir={args.runs / f'{args.name}-seed-{seed}'}", *args.set])
-        metrics = distill(recipe, progress=False).metrics
+        finished = Path(recipe.output_dir) / "metrics.json"  # a finished run is read back, not rerun
+        metrics = json.loads(finished.read_text()) if finished.is_file() else distill(recipe, progress=False).metrics
         results["seeds"][str(seed)] = {"models": metrics["models"], "seconds": time.perf_counter() - started}
         print(json.dumps({"seed": seed, **{name: round(m["accuracy"], 4) for name, m in metrics["models"].items()}}),
               flush=True)
