@@ -75,8 +75,9 @@ def write_model_card(folder: str | Path, *, name: str, recipe: Recipe, metrics: 
         "teacher": "the teacher of this run, trained by potstill on the recipe's data",
         "scratch": "the student architecture trained on hard labels only (the run's baseline, no teacher)",
         "student": f"a student distilled from {teacher or 'the teacher trained in this run'} "
-                   f"(`{recipe.distillation.loss}` at T = {recipe.distillation.temperature:g}, "
-                   f"α = {recipe.distillation.alpha:g})",
+                   f"(`{recipe.distillation.loss}` at T = {recipe.distillation.temperature:g}"
+                   # a task's own distillation section may weigh its terms otherwise (masked-lm: weights)
+                   + (f", α = {recipe.distillation.alpha:g})" if hasattr(recipe.distillation, "alpha") else ")"),
     }.get(name, name)
     body = f"""# {run_dir.name} / {name}
 

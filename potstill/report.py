@@ -48,7 +48,7 @@ def _line_panel(ax: Any, series: Series, title: str, ylabel: str, marker: str = 
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker=marker, label=label)
     ax.set(title=title, xlabel="optimiser step", ylabel=ylabel)
-    if len(series) > 1:
+    if series:
         ax.legend(fontsize=8)
 
 
@@ -60,9 +60,11 @@ def _zoomed(values: list[float]) -> tuple[float, float]:
 
 
 def _bars(ax: Any, metrics: dict[str, Any], key: str) -> None:
-    models = [(n, m[key]) for n, m in metrics["models"].items() if isinstance(m.get(key), (int, float))]
-    names, values = [n for n, _ in models], [float(v) for _, v in models]
-    bars = ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+    # each model keeps its colour across panels (its place in the run: teacher, scratch, student)
+    models = [(n, m[key], f"C{i}") for i, (n, m) in enumerate(metrics["models"].items())
+              if isinstance(m.get(key), (int, float))]
+    names, values = [n for n, _, _ in models], [float(v) for _, v, _ in models]
+    bars = ax.bar(range(len(values)), values, color=[c for _, _, c in models])
     ax.set_ylim(*_zoomed(values))
     ax.set_xticks(range(len(names)), names)
     for bar, value in zip(bars, values, strict=True):
@@ -96,14 +98,15 @@ def panels(rows: list[dict[str, str]], metrics: dict[str, Any]) -> list[Callable
              if c not in _NOT_TERMS and not c.startswith("eval_") and any(row.get(c) for row in rows)]
     if "cross_entropy" in terms:
         series = _curves(rows, "cross_entropy")
-        drawn.append(lambda ax: _line_panel(ax, series, "hard-label cross-entropy (training)", "nats per token"))
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "hard-label cross-entropy (training)",
+                                                       "nats per position"))
     distillation = [t for t in terms if t != "cross_entropy"]
     if distillation:
         series = {f"{stage} {t}": c for t in distillation for stage, c in _curves(rows, t).items()}
-        drawn.append(lambda ax: _line_panel(ax, series, "distillation terms (training)", "value"))
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "distillation terms (training)", "value"))
     if not terms and any(row.get("loss") for row in rows):
         series = _curves(rows, "loss")
-        drawn.append(lambda ax: _line_panel(ax, series, "training loss", "loss"))
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "training loss", "loss"))
     headline = [k for k in metrics.get("headline", []) if any(isinstance(m.get(k), (int, float))
                                                              for m in metrics["models"].values())]
     evals = [c for c in dict.fromkeys(k for row in rows for k in row) if c.startswith("eval_")]

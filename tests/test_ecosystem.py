@@ -107,6 +107,10 @@ def test_the_report_draws_the_panels_the_run_has_data_for(lm_run):
         draw(ax)
     titles = [ax.get_title() for ax in axes]
     assert titles[0] == "hard-label cross-entropy (training)"
+    # each panel draws its own column (a late-bound closure once drew the last panel's data everywhere)
+    student_ce = [float(r["cross_entropy"]) for r in rows if r["stage"] == "student" and r.get("cross_entropy")]
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes[0].get_lines()}
+    assert lines["student"] == pytest.approx(student_ce)
     assert "distillation terms (training)" in titles and "bits_per_byte during training" in titles
     assert not any("soft targets" in t for t in titles)  # the softening panel is the classifier's
     bars = axes[titles.index("teacher vs students: bits_per_byte")]

@@ -7,11 +7,13 @@ engine and the objective never know which one runs.
 from .base import Batch, Task
 from .causal_lm import CausalLM
 from .image_classification import ImageClassification
+from .masked_lm import MaskedLM
 from .sentence_embedding import SentenceEmbedding
 from .text_classification import TextClassification
 
 #: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding,
-                                                             TextClassification)}
+                                                             TextClassification, MaskedLM)}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "Task", "TextClassification"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "MaskedLM", "SentenceEmbedding", "Task",
+           "TextClassification"]
