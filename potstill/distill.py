@@ -222,9 +222,9 @@ class Run:
             raise
 
     def teacher(self) -> nn.Module:
-        """The recipe's teacher: loaded if it names one, else trained (or resumed, or reloaded)."""
+        """The recipe's teacher: loaded as it is, or trained (or resumed, or reloaded): the task says which."""
         spec = self.recipe.teacher
-        if spec.model_name_or_path:
+        if not self.task.trains_teacher():
             return self.task.build_model(spec)
         return self.stage("teacher", spec, Objective.supervised(), spec.train, self.task.train_set)
 

@@ -17,6 +17,25 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
 
 
+def macro_f1(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> float:
+    """The mean over classes of F1 = 2·precision·recall / (precision + recall) of the arg-max class.
+
+    Classes that appear neither among the labels nor among the predictions do not count; a class
+    that appears on one side only scores 0. Unlike accuracy, a model that ignores a rare class
+    is penalised for it.
+    """
+    predicted = logits.argmax(-1)
+    classes = int(max(num_classes or 0, labels.max().item() + 1, predicted.max().item() + 1))
+    scores = []
+    for c in range(classes):
+        true, guess = labels == c, predicted == c
+        if not (true.any() or guess.any()):
+            continue
+        hits = (true & guess).sum().item()
+        scores.append(2 * hits / (true.sum().item() + guess.sum().item()))
+    return sum(scores) / len(scores)
+
+
 def agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
     """Fraction of examples on which the student's top-1 class equals the teacher's."""
     return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
@@ -78,4 +97,4 @@ def wer(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = 
     return (out.substitutions + out.deletions + out.insertions) / (out.substitutions + out.deletions + out.hits)
 
 
-__all__ = ["accuracy", "agreement", "held_out_kl", "normalize_english", "per_class_accuracy", "wer"]
+__all__ = ["accuracy", "agreement", "held_out_kl", "macro_f1", "normalize_english", "per_class_accuracy", "wer"]

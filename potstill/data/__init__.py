@@ -6,6 +6,8 @@ from pathlib import Path
 VENDORED_TEXT = Path(__file__).parent / "text" / "shakespeare-sample.txt"
 #: 2,000 sentence-polarity sentences (CC BY 4.0): the default data of the sentence-embedding task
 VENDORED_SENTENCES = Path(__file__).parent / "text" / "sentence-polarity-sample.txt"
+#: the same 2,000 sentences labelled (CSV: text, label = positive / negative): the text-classification task's default
+VENDORED_POLARITY = Path(__file__).parent / "text" / "sentence-polarity-labelled.csv"
 #: six LJ Speech sentences (public domain): ``wavs/*.flac`` and their ``metadata.csv`` lines
 VENDORED_LJSPEECH = Path(__file__).parent / "speech" / "ljspeech"
 #: the digits 0-9 of one FSDD speaker (CC BY-SA 4.0): ``recordings/{digit}_{speaker}_{idx}.wav``

@@ -8,7 +8,6 @@ the schema's shared sections live below them, in :mod:`potstill.config`.
 from __future__ import annotations
 
 import difflib
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -58,28 +57,69 @@ def resolve_recipe_path(source: str | Path) -> Path:
     )
 
 
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at ``loc`` (for "did you mean"); a section that is one of several
-    kinds (``data: {name: pairs}``) appears in ``loc`` with its kind after its name."""
-    parts = [str(p) for p in loc[:-1]]
-    while parts:
-        annotation = getattr(model.model_fields.get(parts.pop(0)), "annotation", None)
-        kinds = {m.model_fields["name"].default: m for m in typing.get_args(annotation)
-                 if isinstance(m, type) and issubclass(m, BaseModel) and "name" in m.model_fields}
-        if kinds and parts and parts[0] in kinds:
-            annotation = kinds[parts.pop(0)]
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+def _variants(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The sections a field may hold, by the tag pydantic puts in an error's location (a tagged union's
+    ``Tag``, or a variant's literal ``name`` / ``architecture``); a plain section under ``""``."""
+    from typing import Annotated, Literal, Union, get_args, get_origin
+
+    from pydantic import Tag
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"": annotation}
+    if get_origin(annotation) is Annotated:
+        inner, *metadata = get_args(annotation)
+        tags = [m.tag for m in metadata if isinstance(m, Tag)]
+        found = _variants(inner)
+        return {tags[0]: next(iter(found.values()))} if tags and len(found) == 1 else found
+    out: dict[str, type[BaseModel]] = {}
+    if get_origin(annotation) is list:  # a list of sections: its items are addressed by index
+        return {f"[{tag}]": cls for tag, cls in _variants(get_args(annotation)[0]).items()}
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        for member in get_args(annotation):
+            for tag, cls in _variants(member).items():
+                if tag:
+                    out[tag] = cls
+                    continue
+                for field in cls.model_fields.values():  # a discriminator field: a literal default
+                    if get_origin(field.annotation) is Literal and isinstance(field.default, str):
+                        out[field.default] = cls
+    return out
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """The parts of an error location as the recipe spells them (union tags left out), and the
+    section that holds its last part (None when it is not a section)."""
+    shown: list[str] = []
+    section: type[BaseModel] | None = model
+    parts = [str(p) for p in loc]
+    i = 0
+    while i < len(parts):
+        shown.append(parts[i])
+        if i == len(parts) - 1:
+            break
+        field = section.model_fields.get(parts[i]) if section is not None else None
+        variants = _variants(field.annotation) if field is not None else {}
+        if "" in variants and len(variants) == 1:
+            section = variants[""]
+        elif "[]" in variants and parts[i + 1].isdigit():
+            section = variants["[]"]
+            shown.append(parts[i + 1])
+            i += 1
+        elif parts[i + 1] in variants:
+            section = variants[parts[i + 1]]
+            i += 1  # the tag pydantic adds is not a field of the recipe
+        else:
+            section = None
+        i += 1
+    return shown, section
 
 
 def _describe(error: dict[str, Any], recipe_type: type[Recipe]) -> str:
-    loc = tuple(error["loc"])
-    where = ".".join(str(p) for p in loc) or "(recipe)"
+    shown, section = _walk(recipe_type, tuple(error["loc"]))
+    where = ".".join(shown) or "(recipe)"
     if error["type"] == "extra_forbidden":
-        allowed = _field_names(recipe_type, loc)
-        return f"unknown field {where!r}; allowed here: {', '.join(allowed)}.{_did_you_mean(str(loc[-1]), allowed)}"
+        allowed = list(section.model_fields) if section is not None else []
+        return f"unknown field {where!r}; allowed here: {', '.join(allowed)}.{_did_you_mean(shown[-1], allowed)}"
     message = error["msg"].removeprefix("Value error, ")
     return f"field {where!r}: {message} (got {error.get('input')!r})"
 

@@ -92,6 +92,12 @@ class Task:
                                 sparse_leftover=cache.leftover if cache else "bucket",
                                 vocab_size=self.shared_vocab_size, **d.params)
 
+    def trains_teacher(self) -> bool:
+        """Whether the run trains the teacher (stage ``teacher``, on ``train_set``, with
+        ``recipe.teacher.train``) before the students; default: when the recipe loads none
+        (a task may also fine-tune a loaded one, such as a pretrained encoder without a trained head)."""
+        return not self.recipe.teacher.model_name_or_path  # type: ignore[attr-defined]
+
     def distillation_set(self, teacher: nn.Module, run_dir: Path) -> Dataset:
         """The examples the student distils on (e.g. the teacher's own completions); default the transfer set."""
         return self.transfer_set

@@ -16,14 +16,15 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import ModelSpec, Recipe, RecipeError, TrainSpec, _Section
 from ..data import VENDORED_OUT_OF_DOMAIN, VENDORED_TEXT
+from ..data.hf import DatasetSpec, data_section
 from ..data.text import read_text
 from ..io import write_json
 from ..losses import IGNORE_INDEX, get_loss, kl_divergence
@@ -82,6 +83,34 @@ class TextData(_LMData):
     block_size: int = Field(128, ge=2)
 
 
+class DatasetTextData(TextData, DatasetSpec):
+    """Plain text from a ``datasets`` source (``text_column``; see :class:`~potstill.data.hf.DatasetSpec`):
+    each row a document, or (``join_rows``) rows that are lines of one text, joined before cutting.
+    Held out: ``eval_split`` / ``eval_size`` rows, else the last ``eval_fraction`` of the examples."""
+
+    name: Literal["dataset"] = "dataset"  # type: ignore[assignment]
+    #: rows are lines of one long text (WikiText): join them with newlines before cutting into blocks
+    join_rows: bool = False
+
+    @model_validator(mode="after")
+    def _no_files(self) -> DatasetTextData:
+        for field in ("files", "eval_files"):
+            if getattr(self, field):
+                raise ValueError(f"{field} applies to name: text; a data set's rows come from dataset / data_files")
+        return self
+
+    def texts(self) -> tuple[list[str], list[str]]:
+        """The training and held-out documents (held out: none when no split or rows are set aside)."""
+        splits = self.load(["text"], require_eval=False)
+        documents = []
+        for rows in splits:
+            texts = [] if rows is None else [t for t in rows["text"] if isinstance(t, str) and t.strip()]
+            documents.append(["\n".join(texts)] if self.join_rows and texts else texts)
+        if not documents[0]:
+            raise ValueError(f"data.text_column: no text in split {self.train_split!r} of {self.source}")
+        return documents[0], documents[1]
+
+
 class PairsData(_LMData):
     name: Literal["pairs"] = "pairs"
     #: JSON-lines files of {"prompt", "completion"} or {"messages": [...]}; loss on completions only
@@ -136,7 +165,8 @@ class LMTeacherSpec(LMSpec):
 
 class CausalLMRecipe(Recipe):
     task: Literal["causal-lm"] = "causal-lm"
-    data: Annotated[TextData | PairsData, Field(discriminator="name")] = Field(default_factory=TextData)
+    data: data_section({"text": TextData, "pairs": PairsData, "dataset": DatasetTextData},  # type: ignore[valid-type]
+                       default="text") = Field(default_factory=TextData)
     teacher: LMTeacherSpec = Field(default_factory=LMTeacherSpec)
     student: LMSpec = Field(default_factory=LMSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
@@ -212,6 +242,9 @@ class CausalLM(Task):
 
     def _sources(self, data: TextData | PairsData) -> tuple[list[str], list[Any], list[Any]]:
         """Texts to train a tokenizer on, and the training and held-out material (texts or pairs)."""
+        if isinstance(data, DatasetTextData):
+            train, held_out = data.texts()
+            return train, train, held_out
         if isinstance(data, TextData):
             files = data.files or [str(VENDORED_TEXT)]
             texts = [read_text(f) for f in files]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import ModelSpec, Recipe, _Section
 from ..data import VENDORED_SENTENCES
+from ..data.hf import DatasetSpec, data_section
 from ..data.text import read_text
 from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
@@ -35,6 +36,20 @@ class SentencesData(_Section):
     eval_size: int = Field(1000, ge=10)
     max_train: int | None = Field(None, ge=1)
     max_length: int = Field(64, ge=4)
+
+
+class SentencesDatasetData(DatasetSpec):
+    """Sentences from a ``datasets`` source (``text_column``); held out: ``eval_split`` or ``eval_size`` rows."""
+
+    max_length: int = Field(64, ge=4)
+
+    def sentences(self) -> tuple[list[str], list[str]]:
+        splits = self.load(["text"])
+        train, held_out = ([t.strip() for t in rows["text"] if isinstance(t, str) and t.strip()] for rows in splits)
+        for split, rows in (("train", train), ("held-out", held_out)):
+            if not rows:
+                raise ValueError(f"data.text_column: the {split} rows of {self.source} hold no text")
+        return train, held_out
 
 
 class EncoderSpec(ModelSpec):
@@ -58,7 +73,8 @@ class EncoderTeacherSpec(EncoderSpec):
 
 class SentenceEmbeddingRecipe(Recipe):
     task: Literal["sentence-embedding"] = "sentence-embedding"
-    data: SentencesData = Field(default_factory=SentencesData)
+    data: data_section({"sentences": SentencesData, "dataset": SentencesDatasetData},  # type: ignore[valid-type]
+                       default="sentences") = Field(default_factory=SentencesData)
     teacher: EncoderTeacherSpec = Field(default_factory=lambda: EncoderTeacherSpec(model_name_or_path=MINILM))
     student: EncoderSpec = Field(default_factory=lambda: EncoderSpec(layers_from_teacher="every-other"))
     baseline: bool = False  # no labels to train a scratch baseline on; the truncated student is the baseline
@@ -126,15 +142,19 @@ class SentenceEmbedding(Task):
 
         super().__init__(recipe, progress)
         data = recipe.data
-        files = data.files or [str(VENDORED_SENTENCES)]
-        sentences = [line.strip() for f in files for line in read_text(f).splitlines() if line.strip()]
-        if len(sentences) <= data.eval_size:
-            raise ValueError(f"data.files: {len(sentences)} sentences, but eval_size is {data.eval_size}")
         self.teacher_path = resolve(recipe.teacher.model_name_or_path or MINILM).path
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_path)
-        train = sentences[: -data.eval_size]
-        self.train_set = self.transfer_set = train[: data.max_train] if data.max_train else train
-        self.eval_set = sentences[-data.eval_size :]
+        if isinstance(data, SentencesDatasetData):  # max_train rows are spread over the split already
+            self.train_set, self.eval_set = data.sentences()
+        else:
+            files = data.files or [str(VENDORED_SENTENCES)]
+            sentences = [line.strip() for f in files for line in read_text(f).splitlines() if line.strip()]
+            if len(sentences) <= data.eval_size:
+                raise ValueError(f"data.files: {len(sentences)} sentences, but eval_size is {data.eval_size}")
+            train = sentences[: -data.eval_size]
+            self.train_set = train[: data.max_train] if data.max_train else train
+            self.eval_set = sentences[-data.eval_size :]
+        self.transfer_set = self.train_set
         self._teacher_embeddings: Tensor | None = None
 
     def collate(self, sentences: list[str]) -> Batch:
