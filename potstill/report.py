@@ -77,7 +77,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     ax = axes[3]
     example = metrics.get("softening_example")
-    if example is None:
+    if metrics.get("kl_vs_l2"):
+        _kl_vs_l2(ax, metrics["kl_vs_l2"], rows)
+    elif example is None:
         ax.set_visible(False)
     else:
         _softening(ax, example)
@@ -88,6 +90,28 @@ def write_report(run_dir: str | Path) -> Path:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
+
+
+def _kl_vs_l2(ax, points: dict, rows: list[dict]) -> None:
+    """A speech LLM's claim: next-token KL against the final hidden state's L2 (held-out clips per model,
+    the held-out means after each epoch, and the training batches' values)."""
+    train = [(float(r["mse[final_state]"]), float(r.get("kl") or r["monitor_kl"])) for r in rows
+             if r.get("mse[final_state]") and (r.get("kl") or r.get("monitor_kl"))]
+    if train:
+        ax.scatter(*zip(*train, strict=True), s=8, alpha=0.3, color="grey", label="training batches")
+    for name, pairs in points.items():
+        if pairs:
+            ax.scatter(*zip(*pairs, strict=True), s=14, alpha=0.7, label=f"{name} (held-out clips)")
+    epochs = [(float(r["eval_hidden_l2"]), float(r["eval_kl_first"])) for r in rows
+              if r.get("eval_hidden_l2") and r.get("eval_kl_first")]
+    if epochs:
+        ax.plot(*zip(*epochs, strict=True), marker="o", color="black", label="held-out mean, each epoch")
+    ax.set(title="next-token KL vs final hidden-state L2", xlabel="L2 (mean squared, per dimension)",
+           ylabel="KL(teacher ‖ student), first response token")
+    values = [v for pair in [*train, *epochs, *(p for ps in points.values() for p in ps)] for v in pair]
+    if values and min(values) > 0:
+        ax.set(xscale="log", yscale="log")
+    ax.legend(fontsize=8)
 
 
 def _softening(ax, example: dict) -> None:

@@ -8,8 +8,10 @@ from .base import Batch, Task
 from .causal_lm import CausalLM
 from .image_classification import ImageClassification
 from .sentence_embedding import SentenceEmbedding
+from .speech_llm import SpeechLLMTask
 
 #: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding,
+                                                             SpeechLLMTask)}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "Task"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "SpeechLLMTask", "Task"]
