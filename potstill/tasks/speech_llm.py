@@ -257,42 +257,41 @@ class SpeechLLMTask(Task):
         return EncodedClips(rows, lambda prepared: self._encoded(prepared, split))
 
     def _encoded(self, rows: Any, split: str) -> list[Tensor]:
-        """Each clip's encoder outputs (float16, the frames covering the audio or all), cached on disk
-        under a fingerprint of the encoder and the features."""
+        """Each clip's encoder outputs (float16; the frames covering the audio, or all), computed once:
+        with a cache folder, one safetensors file per clip under a fingerprint of the encoder, named by
+        a hash of the clip's features, so that any run on the same clips and encoder reuses them."""
         encoder, extractor = self.whisper.encoder, self.whisper.feature_extractor
         mode = self.recipe.student.encoder_frames
         features = _arrays(rows.with_format("numpy")["input_features"])
         durations = list(rows["duration"])
-        digest = hashlib.sha256(json.dumps([self.recipe.student.encoder, encoder.config.to_dict(), mode],
-                                           sort_keys=True, default=str).encode())
-        for array, key in zip(features, rows["id"], strict=True):
-            digest.update(key.encode())
-            digest.update(array.tobytes())
-        path = self.cache_dir / f"{split}-{digest.hexdigest()[:16]}.safetensors" if self.cache_dir else None
-        if path is not None and path.is_file():
-            stored = load_file(path)
-            log.info("encoder outputs of %d %s clips read from %s", len(stored), split, path)
-            return [stored[str(i)] for i in range(len(stored))]
+        identity = json.dumps([self.recipe.student.encoder, encoder.config.to_dict(), mode], sort_keys=True,
+                              default=str)
+        folder = self.cache_dir / hashlib.sha256(identity.encode()).hexdigest()[:16] if self.cache_dir else None
+        paths = [folder / f"{hashlib.sha256(a.tobytes() + repr(d).encode()).hexdigest()[:32]}.safetensors"
+                 if folder else None for a, d in zip(features, durations, strict=True)]
+        states: list[Tensor | None] = [load_file(p)["states"] if p is not None and p.is_file() else None
+                                       for p in paths]
+        missing = [i for i, s in enumerate(states) if s is None]
+        if folder is not None and len(missing) < len(states):
+            log.info("%s: encoder outputs of %d of %d clips read from %s", split, len(states) - len(missing),
+                     len(states), folder)
         max_frames = encoder.config.max_source_positions
         size = self.recipe.data.encoder_batch_size
         device = next(self.llm.parameters()).device
-        states: list[Tensor] = []
         with evaluating(encoder.to(device)):
-            for start in tqdm(range(0, len(features), size), desc=f"encoding {split} clips", leave=False,
+            for start in tqdm(range(0, len(missing), size), desc=f"encoding {split} clips", leave=False,
                               disable=not self.progress):
-                batch = features[start:start + size]
-                out = encoder(pad_features(batch, 2 * max_frames).to(device)).last_hidden_state
-                for row, seconds in zip(out, durations[start:start + size], strict=True):
+                batch = missing[start:start + size]
+                out = encoder(pad_features([features[i] for i in batch], 2 * max_frames).to(device))
+                for i, row in zip(batch, out.last_hidden_state, strict=True):
                     # as SpeechLLM.generate counts them: from the number of samples
-                    samples = round(seconds * extractor.sampling_rate)
+                    samples = round(durations[i] * extractor.sampling_rate)
                     frames = max_frames if mode == "all" else encoder_frames(samples, extractor.hop_length, max_frames)
-                    states.append(row[:frames].to(torch.float16).cpu().clone())
-        if path is not None:
-            with atomic_path(path) as tmp:
-                save_file({str(i): s for i, s in enumerate(states)}, tmp,
-                          metadata={"encoder": self.recipe.student.encoder, "frames": mode})
-            log.info("encoder outputs of %d %s clips cached in %s", len(states), split, path)
-        return states
+                    states[i] = row[:frames].to(torch.float16).cpu().clone()
+                    if paths[i] is not None:
+                        with atomic_path(paths[i]) as tmp:
+                            save_file({"states": states[i]}, tmp, metadata={"encoder": self.recipe.student.encoder})
+        return [s for s in states if s is not None]
 
     def collate(self, examples: list[dict[str, Any]]) -> Batch:
         """Student: the cached encoder outputs and the template; teacher: the template around the transcript."""
@@ -544,6 +543,7 @@ class SpeechLLMTask(Task):
             entry.update({k: v for k, v in scores.get(name, {}).items() if k != "points"})
             table[name] = entry
         out: dict[str, Any] = {"models": table, "headline": list(self.headline), "eval_clips": len(self.eval_set),
+                               "train_clips": len(self.train_set),
                                "kl_vs_l2": {name: s["points"] for name, s in scores.items() if name != "cascade"}}
         if "student" in scores:
             before, after = scores["untrained connector"], scores["student"]
