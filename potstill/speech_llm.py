@@ -22,6 +22,8 @@ in ``encoder/`` and ``llm/``.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import math
@@ -252,7 +254,12 @@ def _name(source: str | Path) -> str:
 
 
 class _LLMReader(nn.Module):
-    """What the student and the teacher share: the frozen LLM, read at chosen positions."""
+    """What the student and the teacher share: the frozen LLM, read at chosen positions.
+
+    Every sequence starts with the same template tokens (the system prompt, the user's turn marker):
+    the LLM reads them once, and later batches continue from their key/value cache (the same
+    outputs, the gradients of the rest unchanged: the prefix depends on nothing that learns).
+    """
 
     llm: nn.Module
 
@@ -263,11 +270,44 @@ class _LLMReader(nn.Module):
                              "hidden state (the hidden-state loss relies on that)")
         return head
 
-    def _read(self, embeds: Tensor, attention_mask: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """The LLM's last hidden state and logits at ``positions`` ([B, R]) of ``embeds`` ([B, L, D])."""
-        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    def _read(self, embeds: Tensor, attention_mask: Tensor, positions: Tensor,
+              prefix: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """The LLM's last hidden state and logits at ``positions`` ([B, R]) of ``embeds`` ([B, L, D]),
+        which follow the tokens ``prefix`` (the same in every row; positions count from after it)."""
+        base = self.llm.base_model
+        kwargs: dict[str, Any] = {}
+        if prefix:
+            start, (batch, length) = len(prefix), embeds.shape[:2]
+            kwargs = {_cache_argument(base): self._prefix_cache(tuple(prefix), embeds, batch), "use_cache": True,
+                      "position_ids": torch.arange(start, start + length, device=embeds.device).expand(batch, -1)}
+            attention_mask = torch.cat([attention_mask.new_ones(batch, start), attention_mask], dim=1)
+        hidden = base(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs).last_hidden_state
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         return picked, output_head(self.llm)(picked)
+
+    def _prefix_cache(self, prefix: tuple[int, ...], like: Tensor, batch: int) -> Any:
+        """A fresh copy, for ``batch`` rows, of the LLM's key/value cache after reading ``prefix``."""
+        caches = self.__dict__.setdefault("_prefix_caches", {})
+        key = (prefix, like.device, like.dtype, torch.is_autocast_enabled())
+        if key not in caches:
+            with torch.no_grad():
+                ids = torch.tensor([prefix], device=like.device)
+                out = self.llm.base_model(inputs_embeds=self.llm.get_input_embeddings()(ids), use_cache=True)
+            caches[key] = out.past_key_values
+        cache = copy.deepcopy(caches[key])
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword a Hugging Face model's forward takes its cache by (``cache`` from transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _common_prefix(ids: Tensor) -> list[int]:
+    """The tokens of ``ids`` [B, P] if every row holds the same ones, else none."""
+    return ids[0].tolist() if ids.shape[1] and bool((ids == ids[:1]).all()) else []
 
 
 class SpeechLLM(_LLMReader):
@@ -419,7 +459,9 @@ class SpeechLLM(_LLMReader):
             encoder_hidden_states, encoder_attention_mask = self.encode(input_features, num_frames)
         virtual = self.virtual_tokens(self.connect(encoder_hidden_states, encoder_attention_mask))
         embed = self.llm.get_input_embeddings()
-        parts = [embed(prefix_ids), virtual, embed(suffix_ids)]
+        # the template before the audio is the same in every row: read once, from the LLM's cache
+        prefix = _common_prefix(prefix_ids)
+        parts = [virtual, embed(suffix_ids)] if prefix else [embed(prefix_ids), virtual, embed(suffix_ids)]
         batch = virtual.shape[0]
         mask = torch.ones(batch, sum(p.shape[1] for p in parts), dtype=torch.long, device=virtual.device)
         last = mask.shape[1] - 1
@@ -430,7 +472,7 @@ class SpeechLLM(_LLMReader):
             mask = torch.cat([mask, keep.to(mask)], dim=1)
             steps = response_ids.shape[1]
         positions = (last + torch.arange(steps, device=virtual.device)).expand(batch, -1)
-        hidden, logits = self._read(torch.cat(parts, dim=1), mask, positions)
+        hidden, logits = self._read(torch.cat(parts, dim=1), mask, positions, prefix)
         self.final_state(hidden[:, 0])
         out = {"logits": logits[:, 0]}
         if response_ids is not None:
@@ -581,7 +623,12 @@ class TextTeacher(_LLMReader):
             index = index.clamp(max=embeds.shape[1] - 1)
             picked = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
             self.virtual_tokens(picked * inside[..., None])
-        hidden, logits = self._read(embeds, attention_mask, positions)
+        # the template before the transcript is the same in every row: read once, from the LLM's cache
+        start = int(transcript_start[0]) if transcript_start is not None and bool(
+            (transcript_start == transcript_start[0]).all()) else 0
+        prefix = _common_prefix(input_ids[:, :start])
+        cut = len(prefix)
+        hidden, logits = self._read(embeds[:, cut:], attention_mask[:, cut:], positions - cut, prefix)
         self.final_state(hidden[:, 0])
         out = {"logits": logits[:, 0]}
         if positions.shape[1] > 1:
@@ -604,11 +651,15 @@ class Cascade(nn.Module):
     def transcribe(self, input_features: Tensor, max_new_tokens: int = 128) -> list[str]:
         """Greedy English transcripts of log-mel ``input_features`` [B, n_mels, frames]."""
         room = self.whisper.config.max_target_positions - 8  # the decoder prompt's tokens
+        config = copy.deepcopy(self.whisper.generation_config)
+        config.max_length = None  # max_new_tokens decides (a config's max_length would only warn)
         kwargs: dict[str, Any] = {"max_new_tokens": min(max_new_tokens, room), "do_sample": False, "num_beams": 1}
-        if getattr(self.whisper.generation_config, "is_multilingual", False):
+        if getattr(config, "is_multilingual", False):
             kwargs.update(language="en", task="transcribe")
         device = next(self.whisper.parameters()).device
-        ids = self.whisper.generate(input_features.to(device), **kwargs)
+        features = input_features.to(device)
+        mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=device)
+        ids = self.whisper.generate(features, attention_mask=mask, generation_config=config, **kwargs)
         return [t.strip() for t in self.whisper_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     @torch.no_grad()

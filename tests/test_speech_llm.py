@@ -389,6 +389,22 @@ def test_teacher_signals_read_the_transcript_where_it_is(task):
     assert (batch.alignment >= 0).sum(1).tolist() == [min(n, 8) for n in lengths]
 
 
+def test_the_shared_template_prefix_is_read_once_with_the_same_outputs_and_gradients(task):
+    model = task.build_model(task.recipe.student)
+    inputs = task.collate([task.train_set[i] for i in (0, 1, 5)]).student_inputs
+    trained = list(model.connector.parameters()) + list(model.projection.parameters())
+    cached = model(**inputs)["logits"]  # the template before the audio from the LLM's key/value cache
+    cached_grads = torch.autograd.grad(cached.logsumexp(-1).sum(), trained)
+    embed = model.llm.get_input_embeddings()
+    virtual = model.connect(inputs["encoder_hidden_states"], inputs["encoder_attention_mask"])
+    whole = torch.cat([embed(inputs["prefix_ids"]), virtual, embed(inputs["suffix_ids"])], dim=1)
+    last = torch.full((3, 1), whole.shape[1] - 1)
+    _, direct = model._read(whole, torch.ones(whole.shape[:2], dtype=torch.long), last)  # every token read
+    torch.testing.assert_close(cached, direct[:, 0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(cached_grads, torch.autograd.grad(direct.logsumexp(-1).sum(), trained), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_the_embeddings_term_and_the_kl_term_train_too(task):
     objective = DiVAObjective([Term("kl", 1.0, params={"temperature": 1.0}),
                                Term("mse", 0.5, student="virtual_tokens", teacher="virtual_tokens")])
