@@ -137,6 +137,21 @@ def curve(run: Path, metrics: dict[str, Any]) -> list[dict[str, float]]:
     return points
 
 
+def by_set(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """First-token KL, agreement and L2 per held-out set: LJ Speech sentences, the held-out FSDD speaker."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    ids = metrics["eval_ids"]
+    for name, clips in metrics["per_clip"].items():
+        for subset, keep in (("ljspeech", lambda i: i.startswith("LJ")), ("fsdd", lambda i: not i.startswith("LJ"))):
+            rows = [c for i, c in zip(ids, clips, strict=True) if keep(i)]
+            if rows:
+                n = len(rows)
+                out.setdefault(subset, {})[name] = {"clips": n, "hidden_l2": sum(r[0] for r in rows) / n,
+                                                    "kl_first": sum(r[1] for r in rows) / n,
+                                                    "agreement_first": sum(r[2] for r in rows) / n}
+    return out
+
+
 def projection(points: list[dict[str, float]], target: float) -> dict[str, Any]:
     """Steps at which held-out KL reaches ``target``, from a power law KL ∝ step^-a fitted to the last
     half of the curve (log-log least squares); None when the curve does not fall."""
@@ -192,12 +207,14 @@ def main() -> None:
         "targets": {"kl_reduction_at_least": 0.8, "agreement_first_at_least": 0.7,
                     "kl_reduction_met": (metrics.get("kl_reduction") or {}).get("kl_first", 0) >= 0.8,
                     "agreement_met": student["agreement_first"] >= 0.7},
-        "curve": points, "projection_to_80pct_kl_reduction": projection(points, target_kl),
+        "by_set": by_set(metrics), "curve": points,
+        "projection_to_80pct_kl_reduction": projection(points, target_kl),
         "answers": metrics["answers"],
     }
     write_json(args.out, out)
     print(result.table())
-    print(json.dumps({k: out[k] for k in ("kl_reduction", "targets", "curve", "projection_to_80pct_kl_reduction")},
+    print(json.dumps({k: out[k] for k in ("kl_reduction", "targets", "by_set", "curve",
+                                          "projection_to_80pct_kl_reduction")},
                      indent=1))
     for row in metrics["answers"]:
         print(json.dumps(row, ensure_ascii=False))

@@ -422,7 +422,7 @@ class SpeechLLMTask(Task):
         teacher = TextTeacher(self.llm)
         device = next(self.llm.parameters()).device
         sums = {name: {"kl_first": 0.0, "agree_first": 0, "kl_response": 0.0, "agree_response": 0, "tokens": 0,
-                       "l2": 0.0, "points": []} for name in models}
+                       "l2": 0.0, "points": [], "agree": []} for name in models}
         transcripts = {name: self.cascade_transcripts(m) for name, m in models.items() if isinstance(m, Cascade)}
         with evaluating(teacher, *models.values()):
             for indices, examples in tqdm(list(self._batches(self.recipe.data.eval_batch_size)), desc="evaluating",
@@ -453,13 +453,14 @@ class SpeechLLMTask(Task):
                     s["tokens"] += int(keep.sum())
                     s["l2"] += l2.sum().item()
                     s["points"] += [[a, b] for a, b in zip(l2.tolist(), kl[:, 0].tolist(), strict=True)]
+                    s["agree"] += agree[:, 0].long().tolist()
         n = len(self.eval_set)
         out = {}
         for name, s in sums.items():
             out[name] = {"kl_first": s["kl_first"] / n, "agreement_first": s["agree_first"] / n,
                          "kl_response": s["kl_response"] / s["tokens"],
                          "agreement_response": s["agree_response"] / s["tokens"], "hidden_l2": s["l2"] / n,
-                         "points": s["points"]}
+                         "points": s["points"], "agreements": s["agree"]}
             if name in transcripts:
                 out[name]["wer"] = wer(self.eval_set.texts, transcripts[name])
         return out
@@ -473,7 +474,7 @@ class SpeechLLMTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         score = self.scores({"model": model})["model"]
-        return {f"eval_{k}": v for k, v in score.items() if k != "points"}
+        return {f"eval_{k}": v for k, v in score.items() if k not in ("points", "agreements")}
 
     # ----- the comparison ----------------------------------------------------------------------------------
 
@@ -540,11 +541,14 @@ class SpeechLLMTask(Task):
             entry: dict[str, Any] = {"parameters": count_parameters(model)}
             if isinstance(model, SpeechLLM):
                 entry["trainable_parameters"] = model.trainable_parameters()
-            entry.update({k: v for k, v in scores.get(name, {}).items() if k != "points"})
+            entry.update({k: v for k, v in scores.get(name, {}).items() if k not in ("points", "agreements")})
             table[name] = entry
         out: dict[str, Any] = {"models": table, "headline": list(self.headline), "eval_clips": len(self.eval_set),
                                "train_clips": len(self.train_set),
-                               "kl_vs_l2": {name: s["points"] for name, s in scores.items() if name != "cascade"}}
+                               "kl_vs_l2": {name: s["points"] for name, s in scores.items() if name != "cascade"},
+                               # per held-out clip, in the order of eval_ids: [L2, KL, top-1 agreement] (first token)
+                               "per_clip": {name: [[*p, a] for p, a in zip(s["points"], s["agreements"], strict=True)]
+                                            for name, s in scores.items()}, "eval_ids": self.eval_set.ids}
         if "student" in scores:
             before, after = scores["untrained connector"], scores["student"]
             out["kl_reduction"] = {k: 1 - after[k] / before[k] for k in ("kl_first", "kl_response") if before[k] > 0}
