@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2: bad input, 130 / 143: stopped by SIGINT / SIGTERM)."""
     args = build_parser().parse_args(argv)
     _console_logging()
+    if getattr(args, "no_progress", False):
+        from .progress import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.func(args)
     except (RecipeError, CacheMismatch, OSError, ValueError) as exc:

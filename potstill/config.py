@@ -64,7 +64,26 @@ class TrainSpec(_Section):
     group_by_length: bool = False
     #: save a checkpoint every N optimiser steps (0: only at the end of each epoch)
     checkpoint_every: int = Field(0, ge=0)
+    #: also evaluate every N optimiser steps (0: only at the end of each epoch)
+    eval_every: int = Field(0, ge=0)
+    #: experiment trackers that receive every logged row and the final metrics, through accelerate
+    #: (tensorboard, wandb, mlflow, …; their packages must be installed); logs go to the run directory.
+    #: Read from the recipe's top-level ``train`` section for the whole run.
+    report_to: list[str] = Field(default_factory=list)
     seed: int = 0
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType if t.value != "all"]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown tracker {name!r}; accelerate knows: {', '.join(known)}{hint}")
+        return names
 
 
 class ModelSpec(_Section):

@@ -35,8 +35,10 @@ from torch import nn
 from .config import CacheSpec, Recipe, RecipeError, TrainSpec, dump_recipe, parse_yaml
 from .engine import Engine, PrepareBatch, make_loader
 from .io import atomic_path, write_json, write_text
+from .model_card import write_model_card
 from .models import save_model
 from .objective import Objective
+from .report import write_report
 from .tasks import TASKS, Task
 from .tasks.base import BatchTransform, Rollout
 from .teachers import CachedTeacher, CacheInfo, IndexedDataset, indexed_collate, write_cache
@@ -47,7 +49,7 @@ RECIPE = "recipe.yaml"
 RUN_MARKER = ".potstill-run"
 #: what a run directory holds (for run directories made before the marker existed)
 RUN_ENTRIES = {RECIPE, RUN_MARKER, "teacher", "scratch", "student", "checkpoints", "teacher-cache",
-               "teacher-generations.json", "log.csv", "metrics.json", "report.png"}
+               "teacher-generations.json", "log.csv", "metrics.json", "report.png", "trackers"}
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _cell(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _accelerator(recipe: Recipe) -> Accelerator:
+def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     precision = recipe.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -96,7 +98,23 @@ def _accelerator(recipe: Recipe) -> Accelerator:
         # processes it silently runs DDP (docs/scaling.md): say so, rather than let "FSDP" mislead
         warnings.warn("accelerate runs FSDP on GPUs (or other accelerators) only: these CPU processes train with "
                       "DDP, each holding the whole student and teacher", stacklevel=2)
-    return Accelerator(mixed_precision=precision, cpu=multi_cpu)
+    return Accelerator(mixed_precision=precision, cpu=multi_cpu, log_with=recipe.train.report_to or None,
+                       project_dir=run_dir)
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe as ``section.field`` → scalar (trackers such as TensorBoard's hparams take scalars)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _numbers(row: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def is_run_dir(folder: Path) -> bool:
@@ -163,7 +181,7 @@ class Run:
 
     def __init__(self, recipe: Recipe, run_dir: Path, progress: bool = True):
         self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
-        self.accelerator = _accelerator(recipe)
+        self.accelerator = _accelerator(recipe, run_dir)
         self.task: Task = TASKS[recipe.task](recipe, progress=progress)
         self.history: list[dict[str, Any]] = []
         #: whether this run made its directory (a failure before anything else is written removes it)
@@ -175,6 +193,8 @@ class Run:
         if run.accelerator.is_main_process:
             run.created = prepare_run_dir(recipe, run.run_dir, overwrite)
         run.accelerator.wait_for_everyone()
+        if recipe.train.report_to:  # logs under <run dir>/trackers
+            run.accelerator.init_trackers("trackers", config=_flat(recipe.model_dump(mode="json")))
         return run
 
     @contextmanager
@@ -260,6 +280,7 @@ def _distill(run: Run) -> RunResult:
     task, r = run.task, run.recipe
     # on the training device before anything uses it (the teacher's generations for sequence-level KD)
     teacher = run.teacher().to(run.accelerator.device)
+    task.teacher = teacher  # the students' evaluations compare with it
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", r.student, Objective.supervised(), r.train, task.transfer_set)
@@ -278,11 +299,15 @@ def _distill(run: Run) -> RunResult:
 
     metrics = task.compare(models)
     metrics["distillation"] = r.distillation.model_dump()
+    for name, values in metrics["models"].items():
+        run.accelerator.log(_numbers(values, f"final/{name}/"))
+    run.accelerator.end_training()
     result = RunResult(run.run_dir, metrics)
     if run.accelerator.is_main_process:
         write_json(run.run_dir / "metrics.json", metrics)
-        from .report import write_report
-
+        for name in models:  # every model folder this run trained is ready for the hub
+            if (run.run_dir / name).is_dir():
+                write_model_card(run.run_dir / name, name=name, recipe=r, metrics=metrics, run_dir=run.run_dir)
         write_report(run.run_dir)
     return result
 

@@ -24,11 +24,11 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from .checkpoint import latest_intact, load_checkpoint, save_checkpoint
 from .config import TrainSpec
 from .objective import Objective, ObjectiveOutput
+from .progress import progress
 from .signals import forward_signals, output_head, teacher_signals
 from .teachers import CachedTeacher
 
@@ -155,11 +155,18 @@ def make_optimizer(spec: TrainSpec, parameters: list[nn.Parameter], allow_fused:
     return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=fused)
 
 
-def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(spec: TrainSpec, optimizer: torch.optim.Optimizer, total_steps: int,
+                   calls_per_step: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then constant / linear / cosine decay, in optimiser steps (``warmup_steps``, ``total_steps``).
+
+    ``calls_per_step``: how many times the schedule is stepped per optimiser step — accelerate steps a
+    prepared schedule once per process, so under N processes the same schedule stays one of optimiser
+    steps (and a run's learning rates do not depend on how many processes share its batches).
+    """
     warmup, kind = spec.warmup_steps, spec.scheduler
 
-    def factor(step: int) -> float:
+    def factor(call: int) -> float:
+        step = call // calls_per_step
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -248,9 +255,11 @@ class Engine:
         trainable = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
         if not trainable:
             raise ValueError(f"stage {self.stage!r}: the student has no trainable parameters")
-        total_steps = spec.epochs * math.ceil(len(loader) / spec.gradient_accumulation_steps)
+        # each process reads every num_processes-th batch; a step accumulates gradient_accumulation_steps of them
+        batches = math.ceil(len(loader) / acc.num_processes)
+        total_steps = spec.epochs * math.ceil(batches / spec.gradient_accumulation_steps)
         optimizer = make_optimizer(spec, trainable, allow_fused=acc.mixed_precision != "fp16")
-        scheduler = make_scheduler(spec, optimizer, total_steps)
+        scheduler = make_scheduler(spec, optimizer, total_steps, calls_per_step=acc.num_processes)
         sampler = loader.sampler
         # the objective is not wrapped for DDP (it usually has no parameters); its projections'
         # gradients are averaged across processes by hand before each step
@@ -286,8 +295,8 @@ class Engine:
         run.student.train()
         started = time.perf_counter()
         running, seen = state.get("running", (0.0, 0)) if skip else (0.0, 0)
-        bar = tqdm(total=size, initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{self.spec.epochs}",
-                   disable=not (self.progress and acc.is_local_main_process), leave=False)
+        bar = progress(total=size, initial=skip, desc=f"{self.stage} epoch {epoch + 1}/{self.spec.epochs}",
+                       enabled=self.progress and acc.is_local_main_process, leave=False)
         for group in _micro_batches(batches, skip, self.spec.gradient_accumulation_steps, size):
             loss, parts = self._optimizer_step(run, epoch, group)
             running, seen = running + loss.item(), seen + 1
@@ -295,6 +304,9 @@ class Engine:
             if state["step"] % self.log_every == 0:
                 self._log(run, epoch, loss, parts)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.evaluate and self.spec.eval_every and state["step"] % self.spec.eval_every == 0:
+                self._record(run, {"stage": self.stage, "epoch": epoch + 1, "step": state["step"],
+                                   **self.evaluate(self.accelerator.unwrap_model(run.student))})
             end = group[-1][0] + 1
             stop = self._stop_everywhere(stop_requested)
             if stop or (self.spec.checkpoint_every and state["step"] % self.spec.checkpoint_every == 0 and end != size):
@@ -312,7 +324,7 @@ class Engine:
                    "train_loss": train_loss, "seconds": seconds}
         if self.evaluate:
             summary.update(self.evaluate(self.accelerator.unwrap_model(run.student)))
-        run.state["history"].append(summary)
+        self._record(run, summary)
         self.accelerator.print(f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}  " + "  ".join(
             f"{k} {_fmt(v)}" for k, v in summary.items() if k not in ("stage", "epoch")))
         self._checkpoint(run, epoch + 1, 0)
@@ -378,7 +390,13 @@ class Engine:
                "lr": run.scheduler.get_last_lr()[0]}
         row.update({k: self.accelerator.reduce(torch.as_tensor(v, device=self.accelerator.device), "mean").item()
                     for k, v in parts.items()})
+        self._record(run, row)
+
+    def _record(self, run: _Fit, row: dict[str, Any]) -> None:
+        """Keep a row in the history (log.csv) and send its numbers to the run's trackers, as ``stage/name``."""
         run.state["history"].append(row)
+        self.accelerator.log({f"{self.stage}/{k}": v for k, v in row.items() if k not in ("stage", "step")
+                              and isinstance(v, (int, float))}, step=row["step"])
 
     def _stop_everywhere(self, stop_requested: StopRequest) -> bool:
         """Whether a signal reached any process: all of them stop after the same step."""

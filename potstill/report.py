@@ -1,22 +1,125 @@
-"""The PNG report of a run: loss curves, teacher vs students, temperature softening."""
+"""The PNG report of a run, drawn from ``log.csv`` and ``metrics.json``.
+
+Panels, as the run has data for them:
+
+* training terms: the hard-label cross-entropy of every stage on one axis (the same quantity for
+  the teacher, the scratch baseline and the student), the distillation terms on another;
+* held-out metrics against optimiser steps (``train.eval_every``, and each epoch's end), one
+  panel per metric: the task's quality metric next to KL to the teacher and agreement;
+* teacher vs students: one panel per headline metric, its axis zoomed to show the differences;
+* the task's own panels (``metrics["panels"]``): e.g. the temperature-softened soft targets of
+  a classifier, word error rate against speed for speech.
+
+A task panel is ``{"title", "xlabel", "ylabel", "kind": "line" | "scatter", "series": {label: {"x": [...],
+"y": [...]}}}`` with optional ``"xscale"`` / ``"yscale"``.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .io import atomic_path
-from .losses import soft_targets
+
+#: log.csv columns that are not terms of the training loss
+_NOT_TERMS = {"stage", "epoch", "step", "loss", "lr", "train_loss", "seconds"}
+#: how many panels of each kind at most
+MAX_EVAL_PANELS, MAX_HEADLINE_PANELS = 3, 3
+
+Series = dict[str, tuple[list[float], list[float]]]
 
 
-def softened(logits: list[float], temperatures: list[float]) -> list[list[float]]:
-    """Hinton's soft targets softmax(logits / T) for each T."""
-    z = torch.tensor(logits, dtype=torch.float64)
-    return [soft_targets(z, t).tolist() for t in temperatures]
+def _curves(rows: list[dict[str, str]], column: str) -> Series:
+    """``column`` against the optimiser step, per stage."""
+    out: Series = defaultdict(lambda: ([], []))
+    for row in rows:
+        if row.get(column) not in (None, ""):
+            out[row["stage"]][0].append(float(row["step"]))
+            out[row["stage"]][1].append(float(row[column]))
+    return dict(out)
+
+
+def _line_panel(ax: Any, series: Series, title: str, ylabel: str, marker: str = "") -> None:
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=marker, label=label)
+    ax.set(title=title, xlabel="optimiser step", ylabel=ylabel)
+    if series:
+        ax.legend(fontsize=8)
+
+
+def _zoomed(values: list[float]) -> tuple[float, float]:
+    """Axis limits that show the differences between ``values`` (not from zero)."""
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.25 or abs(high) * 0.05 or 0.05
+    return low - pad, high + pad
+
+
+def _bars(ax: Any, metrics: dict[str, Any], key: str) -> None:
+    # each model keeps its colour across panels (its place in the run: teacher, scratch, student)
+    models = [(n, m[key], f"C{i}") for i, (n, m) in enumerate(metrics["models"].items())
+              if isinstance(m.get(key), (int, float))]
+    names, values = [n for n, _, _ in models], [float(v) for _, v, _ in models]
+    bars = ax.bar(range(len(values)), values, color=[c for _, _, c in models])
+    ax.set_ylim(*_zoomed(values))
+    ax.set_xticks(range(len(names)), names)
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(f"{value:.4g}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    ax.set(title=f"teacher vs students: {key}")
+
+
+def _task_panel(ax: Any, spec: dict[str, Any]) -> None:
+    for label, points in spec["series"].items():
+        if spec.get("kind") == "scatter":
+            ax.scatter(points["x"], points["y"], label=label, s=14)
+        else:
+            ax.plot(points["x"], points["y"], marker="o", markersize=3, label=label)
+    ax.set(title=spec.get("title", ""), xlabel=spec.get("xlabel", ""), ylabel=spec.get("ylabel", ""))
+    for axis in ("xscale", "yscale"):
+        if spec.get(axis):
+            getattr(ax, f"set_{axis}")(spec[axis])
+    if len(spec["series"]) > 1:
+        ax.legend(fontsize=8)
+
+
+def _parameters_line(metrics: dict[str, Any]) -> str:
+    counts = [(n, m.get("parameters")) for n, m in metrics["models"].items()]
+    return "parameters: " + ", ".join(f"{n} {c:,}" for n, c in counts if isinstance(c, int))
+
+
+def panels(rows: list[dict[str, str]], metrics: dict[str, Any]) -> list[Callable[[Any], None]]:
+    """The report's panels, each a function that draws on one matplotlib axis."""
+    drawn: list[Callable[[Any], None]] = []
+    terms = [c for c in dict.fromkeys(k for row in rows for k in row)
+             if c not in _NOT_TERMS and not c.startswith("eval_") and any(row.get(c) for row in rows)]
+    if "cross_entropy" in terms:
+        series = _curves(rows, "cross_entropy")
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "hard-label cross-entropy (training)",
+                                                       "nats per position"))
+    distillation = [t for t in terms if t != "cross_entropy"]
+    if distillation:
+        series = {f"{stage} {t}": c for t in distillation for stage, c in _curves(rows, t).items()}
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "distillation terms (training)", "value"))
+    if not terms and any(row.get("loss") for row in rows):
+        series = _curves(rows, "loss")
+        drawn.append(lambda ax, s=series: _line_panel(ax, s, "training loss", "loss"))
+    headline = [k for k in metrics.get("headline", []) if any(isinstance(m.get(k), (int, float))
+                                                             for m in metrics["models"].values())]
+    evals = [c for c in dict.fromkeys(k for row in rows for k in row) if c.startswith("eval_")]
+    evals = sorted(evals, key=lambda c: c.removeprefix("eval_") not in headline)  # stable: the log's order otherwise
+    for column in evals[:MAX_EVAL_PANELS]:
+        series = _curves(rows, column)
+        drawn.append(lambda ax, s=series, c=column: _line_panel(ax, s, f"{c.removeprefix('eval_')} during training",
+                                                                 c.removeprefix("eval_"), marker="o"))
+    for key in headline[:MAX_HEADLINE_PANELS]:
+        drawn.append(lambda ax, k=key: _bars(ax, metrics, k))
+    for spec in metrics.get("panels", []):
+        drawn.append(lambda ax, s=spec: _task_panel(ax, s))
+    return drawn
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -28,96 +131,20 @@ def write_report(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    curves: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    evals: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     log = run_dir / "log.csv"
     rows = list(csv.DictReader(log.open())) if log.is_file() else []
-    # the first per-epoch eval metric the task logs (eval_accuracy, eval_bits_per_byte, ...)
-    eval_key = next((k for k in (rows[0] if rows else {}) if k.startswith("eval_")), None)
-    for row in rows:
-        if row.get("loss"):
-            curves[row["stage"]][0].append(float(row["step"]))
-            curves[row["stage"]][1].append(float(row["loss"]))
-        if eval_key and row.get(eval_key):
-            evals[row["stage"]][0].append(float(row["epoch"]))
-            evals[row["stage"]][1].append(float(row[eval_key]))
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
-    ax = axes[0]
-    for stage, (steps, losses) in curves.items():
-        ax.plot(steps, losses, label=stage)
-    ax.set(title="training loss", xlabel="optimiser step", ylabel="loss", yscale="log")
-    if curves:
-        ax.legend()
-
-    ax = axes[1]
-    for stage, (epochs, acc) in evals.items():
-        ax.plot(epochs, acc, marker="o", label=stage)
-    ax.set(title=f"{eval_key or 'eval'} per epoch", xlabel="epoch", ylabel=eval_key or "")
-    if evals:
-        ax.legend()
-
-    ax = axes[2]
-    names = list(metrics["models"])
-    headline = metrics.get("headline", [])
-    width = 0.8 / max(len(headline), 1)
-    for k, key in enumerate(headline):
-        values = [metrics["models"][n].get(key) for n in names]
-        xs = [i + (k - (len(headline) - 1) / 2) * width for i in range(len(names)) if values[i] is not None]
-        ys = [v for v in values if v is not None]
-        ax.bar(xs, ys, width=width, label=key)
-        for x, y in zip(xs, ys, strict=True):
-            ax.annotate(f"{y:.3f}", (x, y), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), [f"{n}\n{metrics['models'][n]['parameters']:,} params" for n in names])
-    ax.set(title="teacher vs students (eval set)")
-    shown = [v for key in headline for n in names if (v := metrics["models"][n].get(key)) is not None]
-    if shown and 0 <= min(shown) and max(shown) <= 1:  # fractions: zoom in on the differences
-        ax.set_ylim(max(0.0, min(shown) - 0.05), 1.0)
-    ax.legend(loc="lower right")
-
-    ax = axes[3]
-    example = metrics.get("softening_example")
-    if metrics.get("kl_vs_l2"):
-        _kl_vs_l2(ax, metrics["kl_vs_l2"], rows)
-    elif example is None:
+    drawn = panels(rows, metrics)
+    columns = min(3, max(1, len(drawn)))
+    lines = math.ceil(len(drawn) / columns) or 1
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4.2 * lines), squeeze=False)
+    for ax, draw in zip(axes.flat, drawn, strict=False):
+        draw(ax)
+    for ax in list(axes.flat)[len(drawn):]:
         ax.set_visible(False)
-    else:
-        _softening(ax, example)
-
+    fig.suptitle(f"{run_dir.name}: {_parameters_line(metrics)}", fontsize=10)
     fig.tight_layout()
     path = run_dir / "report.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
-
-
-def _kl_vs_l2(ax, points: dict, rows: list[dict]) -> None:
-    """A speech LLM's claim: next-token KL against the final hidden state's L2 (held-out clips per model,
-    the held-out means after each epoch, and the training batches' values)."""
-    train = [(float(r["mse[final_state]"]), float(r.get("kl") or r["monitor_kl"])) for r in rows
-             if r.get("mse[final_state]") and (r.get("kl") or r.get("monitor_kl"))]
-    if train:
-        ax.scatter(*zip(*train, strict=True), s=8, alpha=0.3, color="grey", label="training batches")
-    for name, pairs in points.items():
-        if pairs:
-            ax.scatter(*zip(*pairs, strict=True), s=14, alpha=0.7, label=f"{name} (held-out clips)")
-    epochs = [(float(r["eval_hidden_l2"]), float(r["eval_kl_first"])) for r in rows
-              if r.get("eval_hidden_l2") and r.get("eval_kl_first")]
-    if epochs:
-        ax.plot(*zip(*epochs, strict=True), marker="o", color="black", label="held-out mean, each epoch")
-    ax.set(title="next-token KL vs final hidden-state L2", xlabel="L2 (mean squared, per dimension)",
-           ylabel="KL(teacher ‖ student), first response token")
-    values = [v for pair in [*train, *epochs, *(p for ps in points.values() for p in ps)] for v in pair]
-    if values and min(values) > 0:
-        ax.set(xscale="log", yscale="log")
-    ax.legend(fontsize=8)
-
-
-def _softening(ax, example: dict) -> None:
-    temperatures = example["temperatures"]
-    for t, probs in zip(temperatures, softened(example["teacher_logits"], temperatures), strict=True):
-        ax.plot(range(len(probs)), probs, marker="o", label=f"T = {t:g}")
-    ax.set(title=f"teacher soft targets, one example (label {example['label']})",
-           xlabel="class", ylabel="probability", yscale="log")
-    ax.legend()

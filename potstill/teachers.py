@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .batch import Batch
 from .io import atomic_path, file_sha256, write_json
 from .losses.sparse import SparseTarget, top_k
+from .progress import progress as bar
 from .signals import LOGITS, teacher_signals
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def write_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, collat
     device = next(teacher.parameters()).device
     n = len(dataset)  # type: ignore[arg-type]
     mine = range(-(-n // shard_size))[procs.process_index::procs.num_processes]
-    for index in tqdm(mine, desc="caching teacher", disable=not (progress and procs.is_main_process)):
+    for index in bar(mine, desc="caching teacher", enabled=progress and procs.is_main_process):
         name, start = _shard_name(index), index * shard_size
         path = folder / name
         if name in manifest["shards"]:  # finished earlier: kept if intact, else said and rewritten

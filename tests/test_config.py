@@ -72,7 +72,8 @@ def test_feature_term_losses_are_the_registrys(monkeypatch):
     from potstill.losses import LOSSES, LossSpec, cosine_loss
 
     def feature_term(loss: str) -> dict:
-        return {"distillation": {"features": [{"student": "a", "teacher": "b", "loss": loss}]}}
+        return {"task": "image-classification",
+                "distillation": {"features": [{"student": "a", "teacher": "b", "loss": loss}]}}
 
     for loss in ("mse", "cosine", "attention", "attention_kl", "similarity"):
         assert parse_recipe(feature_term(loss)).distillation.features[0].loss == loss

@@ -119,3 +119,46 @@ def test_an_fsdp_config_on_cpu_processes_says_it_trains_with_ddp(tmp_path):
     # both processes trained together: 640 images in global batches of 2 x 64 are 5 optimiser steps
     history = json.loads((tmp_path / "run" / "student" / "history.json").read_text())
     assert history[-1]["step"] == 5
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_unequal_lengths_follow_the_one_batch_curve(tmp_path):
+    """Prompt/completion pairs of unequal lengths: one process with batches of 8, or two processes
+    with micro-batches of 2 accumulated twice (the same global batch of 8). Each term is normalised
+    by the completion tokens of the whole global batch, so the two curves are the same."""
+    import random
+
+    rng = random.Random(0)
+    words = "the king speaks and all the lords of the court listen to his words in silence".split()
+
+    def pairs(path, n):
+        lines = [json.dumps({"prompt": " ".join(rng.choices(words, k=rng.randint(1, 6))),
+                             "completion": " ".join(rng.choices(words, k=rng.randint(1, 14)))}) for _ in range(n)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    train, held_out = pairs(tmp_path / "train.jsonl", 96), pairs(tmp_path / "eval.jsonl", 8)
+    overrides = [
+        f"data={{name: pairs, files: [{train}], eval_files: [{held_out}], extra_eval: {{}}, "
+        "tokenizer: {vocab_size: 300}}",
+        "teacher.hidden_size=32", "teacher.num_layers=1",
+        "teacher.intermediate_size=64", "teacher.train.epochs=2", "student.hidden_size=16", "student.num_layers=1",
+        "student.intermediate_size=32", "train.epochs=2", "baseline=false", "train.mixed_precision=no",
+        "teacher.train.mixed_precision=no", "train.learning_rate=3e-3", "teacher.train.learning_rate=3e-3",
+    ]
+
+    def curve(processes, batch_size, accumulation):
+        out = tmp_path / f"p{processes}"
+        settings = [*overrides, f"train.batch_size={batch_size}", f"teacher.train.batch_size={batch_size}",
+                    f"train.gradient_accumulation_steps={accumulation}",
+                    f"teacher.train.gradient_accumulation_steps={accumulation}"]
+        potstill(processes, ["distill", "tiny-lm", "--output-dir", str(out), "--no-progress",
+                             *[a for o in settings for a in ("--set", o)]], port=29536)
+        return [(r["stage"], r["step"], float(r[key])) for r in csv.DictReader((out / "log.csv").open())
+                for key in ("loss", "train_loss") if r.get(key)]  # logged steps, and each epoch's mean
+
+    one, two = curve(1, 8, 1), curve(2, 2, 2)
+    assert len(one) == len(two) >= 8
+    for (stage_a, step_a, loss_a), (stage_b, step_b, loss_b) in zip(one, two, strict=True):
+        assert (stage_a, step_a) == (stage_b, step_b)
+        assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-5)

@@ -10,3 +10,5 @@ VENDORED_SENTENCES = Path(__file__).parent / "text" / "sentence-polarity-sample.
 VENDORED_LJSPEECH = Path(__file__).parent / "speech" / "ljspeech"
 #: the digits 0-9 of one FSDD speaker (CC BY-SA 4.0): ``recordings/{digit}_{speaker}_{idx}.wav``
 VENDORED_FSDD = Path(__file__).parent / "speech" / "fsdd"
+#: a State of the Union address (public domain): held-out text of another domain for LM runs
+VENDORED_OUT_OF_DOMAIN = Path(__file__).parent / "text" / "state-of-the-union-2005.txt"

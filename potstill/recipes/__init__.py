@@ -8,6 +8,7 @@ the schema's shared sections live below them, in :mod:`potstill.config`.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +59,15 @@ def resolve_recipe_path(source: str | Path) -> Path:
 
 
 def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at ``loc`` (for "did you mean")."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
+    """The field names allowed at ``loc`` (for "did you mean"); a section that is one of several
+    kinds (``data: {name: pairs}``) appears in ``loc`` with its kind after its name."""
+    parts = [str(p) for p in loc[:-1]]
+    while parts:
+        annotation = getattr(model.model_fields.get(parts.pop(0)), "annotation", None)
+        kinds = {m.model_fields["name"].default: m for m in typing.get_args(annotation)
+                 if isinstance(m, type) and issubclass(m, BaseModel) and "name" in m.model_fields}
+        if kinds and parts and parts[0] in kinds:
+            annotation = kinds[parts.pop(0)]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

@@ -46,6 +46,8 @@ class Task:
     eval_set: Dataset
     #: logit terms compare only this many entries (heads padded beyond the tokenizer); None = all
     shared_vocab_size: int | None = None
+    #: the run's teacher, set once it exists: ``evaluate`` may report KL to it and agreement
+    teacher: nn.Module | None = None
 
     def __init__(self, recipe: Recipe, progress: bool = True):
         self.recipe, self.progress = recipe, progress

@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import ModelSpec, Recipe, RecipeError, TrainSpec, _Section
-from ..data import VENDORED_TEXT
+from ..data import VENDORED_OUT_OF_DOMAIN, VENDORED_TEXT
 from ..data.text import read_text
 from ..io import write_json
 from ..losses import IGNORE_INDEX, get_loss, kl_divergence
 from ..models import count_parameters, evaluating
 from ..pretrained import Source as ModelSource
 from ..pretrained import load_causal_lm, load_tokenizer, max_context, resolve
+from ..progress import progress
 from ..students import LayerSelection, make_student, transfer_vocabulary
 from .base import Batch, Task
 from .lm_data import (
@@ -59,6 +60,9 @@ class TokenizerSpec(_Section):
 class _LMData(_Section):
     #: held-out files; empty = the last ``eval_fraction`` of the training examples
     eval_files: list[str] = Field(default_factory=list)
+    #: more held-out text, each set scored on its own (``bits_per_byte_<name>``, …): by default a State of
+    #: the Union address, text of another domain than the training text; ``{}`` for none
+    extra_eval: dict[str, list[str]] = Field(default_factory=lambda: {"out_of_domain": [str(VENDORED_OUT_OF_DOMAIN)]})
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
@@ -138,6 +142,19 @@ class CausalLMRecipe(Recipe):
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
 
+@dataclass
+class EvalSet:
+    """Held-out examples and the characters per byte of their text (for bits per character)."""
+
+    examples: list[dict[str, Any]]
+    chars_per_byte: float
+
+
+def _chars_per_byte(sources: list[Any]) -> float:
+    text = "".join(c for _, c in sources)
+    return len(text) / max(1, len(text.encode()))
+
+
 def _head_rows(model: nn.Module) -> int | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return getattr(head, "out_features", None)
@@ -179,8 +196,15 @@ class CausalLM(Task):
             raise ValueError("no training examples: add text, or lower data.block_size (data.max_length for pairs)")
         if not self.eval_set:
             raise ValueError("no held-out examples: add data.eval_files or raise data.eval_fraction")
-        text = "".join(c for _, c in eval_sources)
-        self.chars_per_byte = len(text) / max(1, len(text.encode()))
+        #: the held-out sets scored: "" (the eval set), then each of data.extra_eval
+        self.eval_sets = {"": EvalSet(self.eval_set, _chars_per_byte(eval_sources))}
+        for name, files in data.extra_eval.items():
+            sources = [("", c) for f in files for c in text_chunks(read_text(f), self.tokenizer, max_length)]
+            examples = self.encode.many(spread(sources, data.max_eval_examples))
+            if not examples:
+                raise ValueError(f"data.extra_eval.{name}: no held-out chunk of {max_length} tokens in {files}")
+            self.eval_sets[name] = EvalSet(examples, _chars_per_byte(sources))
+        self.headline = ("bits_per_byte", *(f"bits_per_byte_{n}" for n in data.extra_eval), "agreement")
         #: logit terms compare this many entries (heads may carry padding rows beyond the tokenizer)
         self.shared_vocab_size = None if self.cross else len(self.tokenizer)
 
@@ -352,17 +376,24 @@ class CausalLM(Task):
     # ----- evaluation --------------------------------------------------------------------------
 
     def _scores(self, models: dict[str, nn.Module], batch_size: int = 16) -> dict[str, dict[str, float]]:
-        """Held-out nats, bytes, and (vs the teacher, same vocabulary) agreement and KL for each model."""
+        """Held-out nats, bytes, and (vs the teacher, same vocabulary) agreement and KL for each model,
+        on every held-out set (the extra sets' metrics carry their name: ``bits_per_byte_<name>``)."""
+        scores: dict[str, dict[str, float]] = {name: {} for name in models}
         with evaluating(*models.values()):
-            totals = self._totals(models, batch_size)
-        return self._summarise(totals, "teacher" in models and not self.cross)
+            for set_name, held_out in self.eval_sets.items():
+                totals = self._totals(models, held_out.examples, batch_size)
+                summary = self._summarise(totals, "teacher" in models and not self.cross, held_out.chars_per_byte)
+                for name, entry in summary.items():
+                    scores[name].update({f"{k}_{set_name}" if set_name else k: v for k, v in entry.items()})
+        return scores
 
-    def _totals(self, models: dict[str, nn.Module], batch_size: int) -> dict[str, dict[str, float]]:
+    def _totals(self, models: dict[str, nn.Module], eval_set: list[dict[str, Any]],
+                batch_size: int) -> dict[str, dict[str, float]]:
         totals = {name: {"nats": 0.0, "bytes": 0.0, "tokens": 0, "agree": 0, "kl": 0.0} for name in models}
         bytes_of = {"student": self.encode.student_bytes, "teacher": self.encode.teacher_bytes}
-        size = len(self.eval_set)
-        for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
-            examples = self.eval_set[start:start + batch_size]
+        size = len(eval_set)
+        for start in progress(range(0, size, batch_size), desc="evaluating", leave=False, enabled=self.progress):
+            examples = eval_set[start:start + batch_size]
             batches = {"student": collate(examples)}
             batches["teacher"] = collate([teacher_view(e) for e in examples]) if self.cross else batches["student"]
             logits = {}
@@ -385,12 +416,14 @@ class CausalLM(Task):
                         totals[name]["kl"] += kl_divergence(value, target, reduction="sum").item()
         return totals
 
-    def _summarise(self, totals: dict[str, dict[str, float]], vs_teacher: bool) -> dict[str, dict[str, float]]:
+    @staticmethod
+    def _summarise(totals: dict[str, dict[str, float]], vs_teacher: bool,
+                   chars_per_byte: float) -> dict[str, dict[str, float]]:
         scores = {}
         for name, t in totals.items():
             bits_per_byte = t["nats"] / math.log(2) / t["bytes"]
             entry = {"eval_loss": t["nats"] / t["tokens"], "bits_per_byte": bits_per_byte,
-                     "bits_per_char": bits_per_byte / self.chars_per_byte}
+                     "bits_per_char": bits_per_byte / chars_per_byte}
             if name != "teacher" and vs_teacher:
                 entry["agreement"] = t["agree"] / t["tokens"]
                 entry["kl_to_teacher"] = t["kl"] / t["tokens"]
@@ -398,8 +431,11 @@ class CausalLM(Task):
         return scores
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        score = self._scores({"model": model})["model"]
-        return {"eval_bits_per_byte": score["bits_per_byte"], "eval_loss": score["eval_loss"]}
+        """Bits per byte on every held-out set, and (once the run has its teacher) KL to it and agreement."""
+        models = {"model": model, **({"teacher": self.teacher} if self.teacher is not None else {})}
+        score = self._scores(models)["model"]
+        keep = ("bits_per_byte", "kl_to_teacher", "agreement")
+        return {f"eval_{k}": v for k, v in score.items() if k.startswith(keep)}
 
     def compare(self, models: dict[str, nn.Module]) -> dict[str, Any]:
         scores = self._scores(models)

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, TensorDataset
-from tqdm.auto import tqdm
 
 from ..config import ModelSpec, Recipe, TrainSpec, _Section
 from ..data.mnist import load_mnist
+from ..losses import soft_targets
 from ..metrics import accuracy, agreement, held_out_kl, per_class_accuracy
 from ..models import MLP, count_parameters, evaluating, load_model
+from ..progress import progress
 from .base import Batch, BatchTransform, Task
 
 NUM_CLASSES = 10
@@ -141,7 +142,7 @@ class ImageClassification(Task):
         outputs = []
         size = len(dataset)  # type: ignore[arg-type]
         with evaluating(model):
-            for start in tqdm(range(0, size, batch_size), desc="evaluating", leave=False, disable=not self.progress):
+            for start in progress(range(0, size, batch_size), desc="evaluating", leave=False, enabled=self.progress):
                 batch = self.collate([dataset[i] for i in range(start, min(start + batch_size, size))])
                 outputs.append(model(batch.student_inputs.to(device)).float().cpu())
         return torch.cat(outputs)
@@ -165,7 +166,10 @@ class ImageClassification(Task):
                 per_class = per_class_accuracy(value, labels, NUM_CLASSES)
                 entry["accuracy_on_excluded_classes"] = {str(c): per_class[c] for c in self.excluded}
             out["models"][name] = entry
-        # one example's teacher logits, for the temperature-softening plot
-        out["softening_example"] = {"label": int(labels[0]), "teacher_logits": teacher[0].tolist(),
-                                    "temperatures": list(SOFTENING_TEMPERATURES)}
+        # one example's teacher soft targets at several temperatures: what distillation at T transfers
+        z = teacher[0].double()
+        out["panels"] = [{"title": f"teacher soft targets, one example (label {int(labels[0])})", "xlabel": "class",
+                          "ylabel": "probability", "kind": "line", "yscale": "log",
+                          "series": {f"T = {t:g}": {"x": list(range(NUM_CLASSES)), "y": soft_targets(z, t).tolist()}
+                                     for t in SOFTENING_TEMPERATURES}}]
         return out

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..losses import IGNORE_INDEX
 from ..models import evaluating
+from ..progress import progress as bar
 from .base import Batch
 from .lm_data import Source, collate, encode
 
@@ -100,8 +100,8 @@ def teacher_generations(teacher: nn.Module, tokenizer: Any, sources: list[Source
     is the teacher's; sources longer than ``max_length`` tokens are cut). The result is text,
     for any student tokenizer."""
     out: list[Source] = []
-    for start in tqdm(range(0, len(sources), batch_size), desc="teacher writing completions",
-                      disable=not progress, leave=False):
+    for start in bar(range(0, len(sources), batch_size), desc="teacher writing completions",
+                     enabled=progress, leave=False):
         chunk = sources[start:start + batch_size]
         prompts, budgets = [], []
         for source in chunk:

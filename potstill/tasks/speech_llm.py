@@ -133,6 +133,14 @@ class DiVALoss(_Section):
     kl: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)
 
+    def describe(self) -> str:
+        """The loss in words (for model cards)."""
+        terms = [f"{w:g} × {name}" for w, name in ((self.hidden, "L2 of the final hidden state"),
+                                                 (self.kl, f"KL at T = {self.temperature:g}"),
+                                                 (self.embeddings, "L2 of the virtual tokens to the transcript's "
+                                                                   "embeddings")) if w > 0]
+        return "DiVA: " + " + ".join(terms) + " at the first response position"
+
     @model_validator(mode="after")
     def _teaches_the_response(self) -> DiVALoss:
         if self.hidden == 0 and self.kl == 0:
@@ -549,6 +557,12 @@ class SpeechLLMTask(Task):
                                # per held-out clip, in the order of eval_ids: [L2, KL, top-1 agreement] (first token)
                                "per_clip": {name: [[*p, a] for p, a in zip(s["points"], s["agreements"], strict=True)]
                                             for name, s in scores.items()}, "eval_ids": self.eval_set.ids}
+        out["panels"] = [{"title": "held-out clips: next-token KL against final hidden-state L2",
+                          "xlabel": "L2 of the final hidden state (mean square per dimension)",
+                          "ylabel": "KL(teacher ‖ model), first response token", "kind": "scatter",
+                          "series": {name: {"x": [p[0] for p in points], "y": [p[1] for p in points]}
+                                     for name, points in out["kl_vs_l2"].items()},
+                          "xscale": "log", "yscale": "log"}]
         if "student" in scores:
             before, after = scores["untrained connector"], scores["student"]
             out["kl_reduction"] = {k: 1 - after[k] / before[k] for k in ("kl_first", "kl_response") if before[k] > 0}
