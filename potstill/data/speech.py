@@ -105,7 +105,9 @@ class SpeechDataSpec(_Section):
                 "id_column": ("dataset", "manifest"), "ljspeech_text": ("ljspeech",),
                 "fsdd_speakers": ("fsdd",), "fsdd_index": ("fsdd",)}
         for field, sources in only.items():
-            if field in self.model_fields_set and self.source not in sources:
+            # a resolved recipe writes every field out: a default value read back is not a choice
+            chosen = field in self.model_fields_set and getattr(self, field) != type(self).model_fields[field].default
+            if chosen and self.source not in sources:
                 raise ValueError(f"{field} applies to source {' / '.join(sources)}, not {self.source!r}")
         if self.source in ("manifest", "dataset") and not self.path:
             raise ValueError(f"source {self.source!r} needs a path")
