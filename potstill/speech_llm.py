@@ -293,7 +293,8 @@ class _LLMReader(nn.Module):
             with torch.no_grad():
                 ids = torch.tensor([prefix], device=like.device)
                 out = self.llm.base_model(inputs_embeds=self.llm.get_input_embeddings()(ids), use_cache=True)
-            caches[key] = out.past_key_values
+            # transformers 5 names the output field "cache", earlier versions "past_key_values"
+            caches[key] = out.cache if "cache" in getattr(out, "__dataclass_fields__", ()) else out.past_key_values
         cache = copy.deepcopy(caches[key])
         if batch > 1:
             cache.batch_repeat_interleave(batch)
