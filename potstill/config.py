@@ -58,7 +58,7 @@ class TrainSpec(_Section):
     max_grad_norm: float | None = Field(None, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     #: compute LM logits chunk by chunk inside the loss (losses.fused): true / false, or "auto" =
-    #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process from a live teacher
+    #: for Hugging Face LMs with a vocabulary of 32,768 or more, trained in one process (live or cached teacher)
     fused_loss: Literal["auto"] | bool = "auto"
     #: batch examples of similar length together (text of mixed lengths pads less; same order on resume)
     group_by_length: bool = False

@@ -40,7 +40,7 @@ from .models import save_model
 from .objective import Objective
 from .report import write_report
 from .tasks import TASKS, Task
-from .tasks.base import BatchTransform, Rollout
+from .tasks.base import BATCH_SEED_STRIDE, BatchTransform, Rollout
 from .teachers import CachedTeacher, CacheInfo, IndexedDataset, indexed_collate, write_cache
 
 HISTORY = "history.json"
@@ -170,7 +170,7 @@ def _batch_preparation(transform: BatchTransform | None, rollout: Rollout | None
 
     def prepare(student: nn.Module, batch: Any, key: int) -> Any:
         if transform is not None:
-            batch = transform(batch, torch.Generator().manual_seed(seed * 1_000_003 + key))
+            batch = transform(batch, torch.Generator().manual_seed(seed * BATCH_SEED_STRIDE + key))
         return rollout(student, batch, key) if rollout is not None else batch
 
     return prepare
@@ -280,7 +280,7 @@ def _distill(run: Run) -> RunResult:
     task, r = run.task, run.recipe
     # on the training device before anything uses it (the teacher's generations for sequence-level KD)
     teacher = run.teacher().to(run.accelerator.device)
-    task.teacher = teacher  # the students' evaluations compare with it
+    task.teacher = teacher  # the students' evaluations compare with it; students are cut from it
     models: dict[str, nn.Module] = {"teacher": teacher}
     if r.baseline:
         models["scratch"] = run.stage("scratch", r.student, Objective.supervised(), r.train, task.transfer_set)

@@ -436,12 +436,10 @@ class Engine:
         mode = self.spec.fused_loss
         head = output_head(student)
         if mode is False or (mode == "auto" and (head is None or head.out_features < FUSE_FROM_VOCAB
-                                                  or isinstance(teacher, CachedTeacher)
                                                   or not objective.fusable)):
             return False
-        if head is None or isinstance(teacher, CachedTeacher):
-            raise ValueError(f"[{self.stage}] fused_loss: true needs a Hugging Face LM student trained in one process "
-                             "from a live teacher")
+        if head is None:  # a live or a cached (top-k) teacher both fuse
+            raise ValueError(f"[{self.stage}] fused_loss: true needs a Hugging Face LM student trained in one process")
         return True
 
     def _loss(self, run: _Fit, batch: Any, where: str = "") -> ObjectiveOutput:

@@ -64,7 +64,9 @@ def _loss(recipe: Recipe) -> str:
     d = recipe.distillation
     if hasattr(d, "describe"):
         return d.describe()
-    return f"`{d.loss}` at T = {d.temperature:g}, α = {d.alpha:g}"
+    # a task's own section may weigh its terms otherwise (masked-lm: named weights, no α)
+    alpha = f", α = {d.alpha:g}" if hasattr(d, "alpha") else ""
+    return f"`{d.loss}` at T = {d.temperature:g}{alpha}"
 
 
 def write_model_card(folder: str | Path, *, name: str, recipe: Recipe, metrics: dict[str, Any], run_dir: Path) -> Path:

@@ -33,11 +33,16 @@ class Term:
     student: str = LOGITS
     teacher: str = LOGITS
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: count every position the batch's mask keeps, whatever its labels say: DistilBERT's KL and
+    #: hidden-state cosine cover every real token while the labels mark only the masked 15%
+    ignore_labels: bool = False
 
     def __post_init__(self) -> None:
         check_params(self.loss, dict(self.params))
         if self.weight < 0:
             raise ValueError(f"term {self.loss!r}: weight must be >= 0, got {self.weight}")
+        if self.ignore_labels and not self.uses_teacher:
+            raise ValueError(f"term {self.loss!r} compares with the labels: it cannot ignore them")
 
     @property
     def uses_teacher(self) -> bool:
@@ -65,13 +70,14 @@ CountFields = frozenset[str]
 class Objective(nn.Module):
     """A weighted sum of :class:`Term` s. Terms with weight 0 are dropped."""
 
-    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket", chunk_size: int = 1024,
+    def __init__(self, terms: Sequence[Term], sparse_leftover: str = "bucket", chunk_size: int | None = None,
                  vocab_size: int | None = None):
         super().__init__()
         #: logit terms compare only the first ``vocab_size`` entries: teacher and student heads
         #: that differ only by padding rows (49,152 vs 49,280) share this range
         self.vocab_size = vocab_size
-        #: tokens per chunk when the student hands over its head inputs (see HeadInputs)
+        #: tokens per chunk when the student hands over its head inputs (see HeadInputs); None: the
+        #: fused loss's default (losses.fused.default_chunk_size)
         self.chunk_size = chunk_size
         self.terms = tuple(t for t in terms if t.weight > 0)
         #: how a cached (top-k) teacher's leftover mass is treated, see losses.sparse
@@ -203,7 +209,7 @@ class Objective(nn.Module):
                 signal = student[term.student]
                 if str(index) in self.projections:
                     signal = self.projections[str(index)](signal)
-                position_labels = labels if _per_position(labels, signal) else None
+                position_labels = labels if not term.ignore_labels and _per_position(labels, signal) else None
                 term_mask = mask if spec.kind == "attention-maps" else _fits(mask, signal)
                 fields = {name for name, used in (("labels", position_labels is not None),
                                                   ("mask", term_mask is not None)) if used}
@@ -263,7 +269,8 @@ class Objective(nn.Module):
 
     def _fused(self, head: HeadInputs, teacher: Mapping[str, Any] | None, labels: Tensor | None,
                mask: Tensor | None, reduction: str) -> ObjectiveOutput:
-        """``w_d · loss + w_ce · CE`` straight from the student's head inputs, chunk by chunk."""
+        """``w_d · loss + w_ce · CE`` straight from the student's head inputs, chunk by chunk; the
+        teacher is its logits, its head inputs, or a cached top-k (SparseTarget)."""
         soft, hard = _fused_split(self.terms)
         w_soft, w_hard = (soft.weight if soft else 0.0), (hard.weight if hard else 0.0)
         target = teacher[LOGITS] if (soft and teacher is not None) else None
@@ -271,17 +278,16 @@ class Objective(nn.Module):
             raise ValueError(f"term {soft.loss!r} needs teacher signals")
         if isinstance(target, HeadInputs):
             target = self._head_slice(target)
-        elif target is not None and self.vocab_size is not None:
+        elif isinstance(target, Tensor) and self.vocab_size is not None:
             target = target[..., : self.vocab_size]
-        teacher_args = ({"teacher_hidden": target.hidden, "teacher_weight": target.weight,
-                         "teacher_bias": target.bias} if isinstance(target, HeadInputs)
-                        else {"teacher_logits": target})
-        value = fused_linear_loss(head.hidden, head.weight, head.bias, labels=labels, mask=mask,
-                                  loss=soft.loss if soft else "kl", alpha=w_soft / (w_soft + w_hard),
-                                  chunk_size=self.chunk_size, reduction=reduction,
-                                  **(dict(soft.params) if soft else {}),
-                                  **teacher_args) * (w_soft + w_hard)
-        return ObjectiveOutput(value, {"fused": value.detach()}, ((1.0, value),))
+        out = fused_linear_loss(head, target, labels=labels, mask=mask, loss=soft.loss if soft else "kl",
+                                alpha=w_soft / (w_soft + w_hard), chunk_size=self.chunk_size, reduction=reduction,
+                                sparse_leftover=self.sparse_leftover, **(dict(soft.params) if soft else {}))
+        # each term's unweighted value under its label, as the unfused path logs them
+        parts = {term.label: value for term, value in ((soft, out.distillation), (hard, out.cross_entropy))
+                 if term is not None and value is not None}
+        loss = out.loss * (w_soft + w_hard)
+        return ObjectiveOutput(loss, parts, ((1.0, loss),))
 
 
 def _term_reduction(reduction: str, fields: set[str] | frozenset[str]) -> str:
@@ -293,8 +299,9 @@ def _fused_split(terms: Sequence[Term]) -> tuple[Term | None, Term | None]:
     """The (distillation, cross-entropy) terms of an objective the fused loss can compute, or raise."""
     soft = [t for t in terms if t.uses_teacher]
     hard = [t for t in terms if not t.uses_teacher]
-    if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS for t in terms) \
-            or (soft and get_loss(soft[0].loss).kind not in ("divergence", "logits")):
+    if len(soft) > 1 or len(hard) > 1 or any(t.student != LOGITS or t.teacher != LOGITS or t.ignore_labels
+                                             for t in terms) \
+            or (soft and get_loss(soft[0].loss).kind not in ("divergence", "logits")) or (hard and hard[0].params):
         raise ValueError("the fused head loss computes one logit distillation term plus cross-entropy; "
                          "this objective has other terms: turn fused_loss off")
     return (soft[0] if soft else None), (hard[0] if hard else None)

@@ -14,10 +14,12 @@ import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .losses.fused import HeadInputs
 
 LOGITS = "logits"
 
@@ -145,18 +147,6 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
-
-
-class HeadInputs(NamedTuple):
-    """The logits left uncomputed: the output head's input and weights (``logits = hidden @ weight.T + bias``).
-
-    Losses that understand it (:func:`potstill.losses.fused.fused_linear_loss`) compute the
-    logits one chunk of tokens at a time instead of materialising all ``N × V`` of them.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:

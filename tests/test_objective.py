@@ -45,3 +45,25 @@ def test_objective_errors():
         Objective.supervised()({"logits": torch.randn(2, 3)}, None)
     with pytest.raises(ValueError, match="needs teacher signals"):
         Objective.hinton()({"logits": torch.randn(2, 3)}, None, labels=torch.tensor([0, 1]))
+
+
+def test_a_term_that_ignores_labels_counts_the_masks_positions():
+    """DistilBERT: labels mark the masked tokens, yet its KL and cosine cover every real token."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[3, -100, -100, 1, -100], [-100, 2, -100, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    objective = Objective([Term("kl", 1.0, params={"temperature": 2.0}, ignore_labels=True),
+                           Term("kl", 1.0, params={"temperature": 2.0})])
+    out = objective({"logits": s}, {"logits": t}, labels=labels, mask=mask)
+    every, masked = out.values[0][1], out.values[1][1]
+    torch.testing.assert_close(every, L.kl_divergence(s, t, temperature=2.0, mask=mask))
+    torch.testing.assert_close(masked, L.kl_divergence(s, t, temperature=2.0, mask=labels != -100))
+    # the engine normalises each by its own count: real tokens (7), labelled ones (3)
+    from potstill.batch import Batch
+
+    counts = objective.counts(Batch(None, None, labels=labels, mask=mask))
+    assert [c.item() for c in counts] == [7, 3]
+    with pytest.raises(ValueError, match="cannot ignore them"):
+        Term("cross_entropy", ignore_labels=True)
+    assert not objective.fusable

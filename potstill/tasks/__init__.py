@@ -7,11 +7,13 @@ engine and the objective never know which one runs.
 from .base import Batch, Task
 from .causal_lm import CausalLM
 from .image_classification import ImageClassification
+from .masked_lm import MaskedLM
 from .sentence_embedding import SentenceEmbedding
 from .speech_llm import SpeechLLMTask
 
 #: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding,
-                                                             SpeechLLMTask)}
+                                                             MaskedLM, SpeechLLMTask)}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "SentenceEmbedding", "SpeechLLMTask", "Task"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "MaskedLM", "SentenceEmbedding", "SpeechLLMTask",
+           "Task"]

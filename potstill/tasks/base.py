@@ -19,10 +19,13 @@ from ..objective import Objective, Term
 #: batch-time randomness (augmentation, masking): ``transform(batch, generator) -> batch``, drawing
 #: only from ``generator``, which the engine seeds per batch so that a resumed run draws the same
 BatchTransform = Callable[[Batch, torch.Generator], Batch]
+#: the generator a batch transform receives is seeded with ``seed * BATCH_SEED_STRIDE + key``: the
+#: stage's train seed, and the batch's number in the stage (epoch × batches per epoch + its place)
+BATCH_SEED_STRIDE = 1_000_003
 #: the engine's on-policy hook: ``rollout(student, batch, key) -> batch``
 Rollout = Callable[[nn.Module, Batch, int], Batch]
 
-__all__ = ["Batch", "BatchTransform", "Rollout", "Task"]
+__all__ = ["BATCH_SEED_STRIDE", "Batch", "BatchTransform", "Rollout", "Task"]
 
 
 class Task:
