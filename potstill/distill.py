@@ -38,6 +38,7 @@ from .io import atomic_path, write_json, write_text
 from .model_card import write_model_card
 from .models import save_model
 from .objective import Objective
+from .recipes import parse_recipe
 from .report import write_report
 from .tasks import TASKS, Task
 from .tasks.base import BATCH_SEED_STRIDE, BatchTransform, Rollout
@@ -133,6 +134,17 @@ def is_run_dir(folder: Path) -> bool:
     return isinstance(saved, dict) and set(Recipe.model_fields) | {"data", "teacher", "student"} <= set(saved)
 
 
+def _same_recipe(saved: str, text: str) -> bool:
+    """Whether a run's saved recipe is ``text``'s, read with today's defaults: a field added in a later
+    version of potstill (written out with its default) does not stop an older run from resuming."""
+    if saved == text:
+        return True
+    try:
+        return dump_recipe(parse_recipe(parse_yaml(saved))) == text
+    except (RecipeError, ValueError):
+        return False
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> bool:
     """Create the run dir, or check that an existing one is a run of the same recipe; True if created.
 
@@ -150,7 +162,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> bool:
         shutil.rmtree(run_dir)
     saved = run_dir / RECIPE
     text = dump_recipe(recipe)
-    if saved.is_file() and saved.read_text() != text:
+    if saved.is_file() and not _same_recipe(saved.read_text(), text):
         raise RecipeError(
             f"{run_dir} holds a run of a different recipe (see {saved}); resume it with that "
             "recipe, choose another output_dir, or pass --overwrite to start again"

@@ -63,6 +63,14 @@ def test_a_different_recipe_in_the_same_run_dir_is_refused(tmp_path, tiny_overri
     with pytest.raises(ValueError, match="different recipe"):
         distill(other, run_dir, progress=False)
 
+    # a run written before a field existed (its default left out of recipe.yaml) is still the same recipe
+    saved = run_dir / "recipe.yaml"
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True)
+                             if not line.strip().startswith(("eval_every:", "report_to:"))))
+    assert "eval_every" not in saved.read_text()
+    distill(recipe, run_dir, progress=False)
+    assert "eval_every" in saved.read_text()
+
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides, sig):
