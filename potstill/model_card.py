@@ -59,6 +59,16 @@ def _table(metrics: dict[str, Any], name: str) -> str:
     return "\n".join(lines)
 
 
+def _loss(recipe: Recipe) -> str:
+    """The distillation loss in words: a task's own (``describe()``), or Hinton's mix."""
+    d = recipe.distillation
+    if hasattr(d, "describe"):
+        return d.describe()
+    # a task's own section may weigh its terms otherwise (masked-lm: named weights, no α)
+    alpha = f", α = {d.alpha:g}" if hasattr(d, "alpha") else ""
+    return f"`{d.loss}` at T = {d.temperature:g}{alpha}"
+
+
 def write_model_card(folder: str | Path, *, name: str, recipe: Recipe, metrics: dict[str, Any], run_dir: Path) -> Path:
     """Write ``folder/README.md`` for the model ``name`` (``teacher``, ``scratch``, ``student``) of a run."""
     folder = Path(folder)
@@ -74,10 +84,7 @@ def write_model_card(folder: str | Path, *, name: str, recipe: Recipe, metrics: 
     how = {
         "teacher": "the teacher of this run, trained by potstill on the recipe's data",
         "scratch": "the student architecture trained on hard labels only (the run's baseline, no teacher)",
-        "student": f"a student distilled from {teacher or 'the teacher trained in this run'} "
-                   f"(`{recipe.distillation.loss}` at T = {recipe.distillation.temperature:g}"
-                   # a task's own distillation section may weigh its terms otherwise (masked-lm: weights)
-                   + (f", α = {recipe.distillation.alpha:g})" if hasattr(recipe.distillation, "alpha") else ")"),
+        "student": f"a student distilled from {teacher or 'the teacher trained in this run'} ({_loss(recipe)})",
     }.get(name, name)
     body = f"""# {run_dir.name} / {name}
 

@@ -96,6 +96,10 @@ def load_model(folder: str | Path, **hf_kwargs: Any) -> nn.Module:
     if config_path.is_file():
         config = json.loads(config_path.read_text())
         if ARCHITECTURE_KEY in config:
+            if config[ARCHITECTURE_KEY] not in BUILDERS:  # e.g. "speech-llm": its own module loads it
+                raise ValueError(f"{config_path} describes a potstill {config[ARCHITECTURE_KEY]!r} model, which "
+                                 f"load_model does not build; built here: {', '.join(BUILDERS)} (a speech-llm "
+                                 "loads with potstill.speech_llm.SpeechLLM.from_pretrained)")
             kwargs = {k: v for k, v in config.items() if k != ARCHITECTURE_KEY}
             model = BUILDERS[config[ARCHITECTURE_KEY]](**kwargs)
             model.load_state_dict(load_file(folder / WEIGHTS))

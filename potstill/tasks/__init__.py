@@ -9,12 +9,13 @@ from .causal_lm import CausalLM
 from .image_classification import ImageClassification
 from .masked_lm import MaskedLM
 from .sentence_embedding import SentenceEmbedding
+from .speech_llm import SpeechLLMTask
 from .speech_recognition import SpeechRecognition
 from .text_classification import TextClassification
 
 #: task name (a recipe's ``task`` field) → the task; each task names its recipe schema (``recipe_type``)
-TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageClassification, CausalLM, SentenceEmbedding,
-                                                             TextClassification, MaskedLM, SpeechRecognition)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (
+    ImageClassification, CausalLM, SentenceEmbedding, TextClassification, MaskedLM, SpeechRecognition, SpeechLLMTask)}
 
-__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "MaskedLM", "SentenceEmbedding", "SpeechRecognition",
-           "Task", "TextClassification"]
+__all__ = ["TASKS", "Batch", "CausalLM", "ImageClassification", "MaskedLM", "SentenceEmbedding", "SpeechLLMTask",
+           "SpeechRecognition", "Task", "TextClassification"]
