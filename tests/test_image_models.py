@@ -24,13 +24,7 @@ SMALL = {"model_type": "resnet", "embedding_size": 4, "hidden_sizes": [4, 8], "d
          "layer_type": "basic"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and never waits on a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int, seed: int) -> list[tuple[np.ndarray, str]]:

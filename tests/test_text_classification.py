@@ -33,13 +33,7 @@ def reviews(n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and never waits on a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_csv(path, rows, header=("text", "label")):

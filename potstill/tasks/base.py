@@ -28,6 +28,12 @@ Rollout = Callable[[nn.Module, Batch, int], Batch]
 __all__ = ["BATCH_SEED_STRIDE", "Batch", "BatchTransform", "Rollout", "Task"]
 
 
+
+def synchronize(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so that a timer stopped after it counts that work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 class Task:
     """A flavour's data, models and evaluation, built from its recipe.
 

@@ -45,7 +45,7 @@ from ..models import count_parameters, evaluating, load_model
 from ..objective import Objective, Term
 from ..pretrained import resolve
 from ..students import LayerSelection, make_student
-from .base import BATCH_SEED_STRIDE, Batch, Task
+from .base import BATCH_SEED_STRIDE, Batch, Task, synchronize
 from .lm_data import spread
 from .mlm_data import Masker, example_seed, reindexed, text_blocks, train_wordpiece
 
@@ -461,8 +461,7 @@ class MaskedLM(Task):
                     inputs = {k: v.to(device) for k, v in batch.student_inputs.items()}
                     start = time.perf_counter()
                     out = model(**inputs).logits
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    synchronize(device)
                     totals[name]["seconds"] += time.perf_counter() - start
                     value = out[keep.to(device)].float().cpu()[:, : len(self.tokenizer)]
                     logits[name] = value

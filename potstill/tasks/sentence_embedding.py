@@ -24,7 +24,7 @@ from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
 from ..students import LayerSelection, make_student
-from .base import Batch, Task
+from .base import Batch, Task, synchronize
 from .lm_data import spread
 
 
@@ -125,11 +125,6 @@ def geometry(student: Tensor, teacher: Tensor, k: int = 10) -> dict[str, float]:
     }
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class SentenceEmbedding(Task):
     """DistilBERT-style: an encoder student cut from a pretrained encoder, matched on pooled embeddings."""
 
@@ -208,11 +203,11 @@ class SentenceEmbedding(Task):
                    for i in range(0, len(sentences), batch_size)]
         outputs = []
         with evaluating(model):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             for inputs in batches:
                 outputs.append(model(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
-            _synchronize(device)  # a GPU's queued work is done before the clock stops
+            synchronize(device)  # a GPU's queued work is done before the clock stops
             seconds = time.perf_counter() - start
         return torch.cat(outputs), len(sentences) / seconds
 

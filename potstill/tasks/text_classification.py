@@ -31,7 +31,7 @@ from ..models import count_parameters, evaluating
 from ..pretrained import MINILM, resolve
 from ..signals import attention_signal
 from ..students import LayerSelection, make_student
-from .base import Batch, Task
+from .base import Batch, Task, synchronize
 from .classifiers import classifier, has_trained_head, model_config, set_dropout, task_labels
 from .lm_data import spread
 
@@ -118,11 +118,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     return Hasher.hash([type(tokenizer).__name__, state, tokenizer.padding_side, tokenizer.truncation_side])
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TextClassification(Task):
@@ -275,11 +270,11 @@ class TextClassification(Task):
                    for i in range(0, len(self.eval_set), batch_size)]
         outputs = []
         with evaluating(model):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             for inputs in batches:
                 outputs.append(model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu())
-            _synchronize(device)  # a GPU's queued work is done before the clock stops
+            synchronize(device)  # a GPU's queued work is done before the clock stops
             seconds = time.perf_counter() - start
         return torch.cat(outputs), len(self.eval_set) / seconds
 

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .base import synchronize
+
 __all__ = ["Transcripts", "encode", "greedy_decode", "transcribe"]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -140,14 +137,14 @@ def transcribe(model: nn.Module, *, prompt: Sequence[int], eos_token_id: int, ma
     with torch.no_grad():
         if encoder_hidden is None:
             assert input_features is not None
-            _synchronize(device)
+            synchronize(device)
             start, cpu = time.perf_counter(), time.process_time()
             encoder_hidden = encode(model, input_features.to(device))
-            _synchronize(device)
+            synchronize(device)
             encoder_seconds, encoder_cpu = time.perf_counter() - start, time.process_time() - cpu
         encoder_hidden = encoder_hidden.to(device=device, dtype=next(model.parameters()).dtype)
         start, cpu = time.perf_counter(), time.process_time()
         tokens, finished = greedy_decode(model, encoder_hidden, prompt, eos_token_id, max_new_tokens)
-        _synchronize(device)
+        synchronize(device)
     return Transcripts(tokens, finished, encoder_seconds, time.perf_counter() - start, encoder_cpu,
                        time.process_time() - cpu)
