@@ -141,7 +141,7 @@ def _same_recipe(saved: str, text: str) -> bool:
         return True
     try:
         return dump_recipe(parse_recipe(parse_yaml(saved))) == text
-    except (RecipeError, ValueError):
+    except (ValueError, yaml.YAMLError):  # unreadable: the caller's "different recipe" error says where to look
         return False
 
 

@@ -71,6 +71,10 @@ def test_a_different_recipe_in_the_same_run_dir_is_refused(tmp_path, tiny_overri
     distill(recipe, run_dir, progress=False)
     assert "eval_every" in saved.read_text()
 
+    saved.write_text("train: [unclosed\n")  # a damaged recipe.yaml is refused with the same clear error
+    with pytest.raises(ValueError, match="different recipe"):
+        distill(recipe, run_dir, progress=False)
+
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_overrides, sig):
